@@ -1,0 +1,213 @@
+// Class-blocked (contract) and row-chunked (single-shard shortcut) sweeps on the
+// CPU: each block's GEMM goes through ATen (MKL / oneDNN), the epilogue runs the
+// vectorized row loops of row_epilogue.cpp, parallel over rows.
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+
+#include "../margin_ce.h"
+#include "row_epilogue.h"
+
+namespace margin_kernels {
+namespace {
+
+using at::Tensor;
+
+// A contiguous [rows, cols] float32 view on the front of a reusable buffer.
+Tensor scratch_view(const Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.view({-1}).narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// The float32 rows [start, start + n) of `weight`, copied only when not float32.
+Tensor float_block(const Tensor& weight, int64_t start, int64_t n) {
+  Tensor block = weight.narrow(0, start, n);
+  return block.scalar_type() == at::kFloat ? block : block.to(at::kFloat);
+}
+
+// Logits row -> z = s * cos with the target column replaced; returns the
+// target's column inside this block, or -1.
+int64_t logits_to_z(float* row, const float* inv, int64_t n, float scale,
+                    int64_t label, int64_t col0, float target) {
+  cpu::scale_columns(row, inv, n, scale);
+  const int64_t t = label - col0;
+  if (label < 0 || t < 0 || t >= n) return -1;
+  row[t] = target;
+  return t;
+}
+
+// dW_j <- G_j - w_j * inv_j^2 * (w_j . G_j): the projection that takes
+// d/d(w_hat) to d/dw, for G = d/d(w_hat) already scaled by inv_j.
+void project_rows(const Tensor& grad, const Tensor& w, const float* inv) {
+  const int64_t n = grad.size(0), d = grad.size(1);
+  float* g = grad.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t j = r0; j < r1; ++j) {
+      const float a = inv[j] * inv[j] * cpu::dot(wp + j * d, g + j * d, d);
+      cpu::sub_scaled(g + j * d, wp + j * d, a, d);
+    }
+  });
+}
+
+int64_t grain_for(int64_t cols) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(cols, 1)); }
+
+}  // namespace
+
+Tensor row_inv_norms(const Tensor& weight, double eps) {
+  const Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), d = w.size(1);
+  Tensor out = at::empty({n}, w.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "row_inv_norms", [&] {
+    const scalar_t* p = w.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t j = r0; j < r1; ++j) {
+        float acc = 0.0f;
+        for (int64_t k = 0; k < d; ++k) {
+          const float v = static_cast<float>(p[j * d + k]);
+          acc += v * v;
+        }
+        o[j] = 1.0f / std::max(std::sqrt(acc), static_cast<float>(eps));
+      }
+    });
+  });
+  return out;
+}
+
+Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
+                   const Tensor& labels_local, const Tensor& target_logit,
+                   double scale, int64_t block_classes) {
+  const int64_t B = x_hat.size(0), C = weight.size(0);
+  const int64_t K = std::min(std::max<int64_t>(block_classes, 1), C);
+  Tensor row_max = at::full({B}, -std::numeric_limits<float>::infinity(), x_hat.options());
+  Tensor row_sum = at::zeros({B}, x_hat.options());
+  if (B == 0) return row_max;
+  Tensor buffer = at::empty({B, K}, x_hat.options());
+  float* m = row_max.data_ptr<float>();
+  float* l = row_sum.data_ptr<float>();
+  const float* inv = w_inv.data_ptr<float>();
+  const int64_t* lab = labels_local.data_ptr<int64_t>();
+  const float* tgt = target_logit.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+
+  for (int64_t c0 = 0; c0 < C; c0 += K) {
+    const int64_t k = std::min(K, C - c0);
+    Tensor z = scratch_view(buffer, B, k);
+    at::mm_out(z, x_hat, float_block(weight, c0, k).t());
+    float* zp = z.data_ptr<float>();
+    at::parallel_for(0, B, grain_for(k), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        float* row = zp + i * k;
+        logits_to_z(row, inv + c0, k, s, lab[i], c0, tgt[i]);
+        const float new_max = std::max(m[i], cpu::row_max(row, k));
+        l[i] = l[i] * std::exp(m[i] - new_max) + cpu::row_sum_exp(row, k, new_max);
+        m[i] = new_max;
+      }
+    });
+  }
+  return row_max.add_(row_sum.log_());
+}
+
+std::tuple<Tensor, Tensor> lse_backward(
+    const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
+    const Tensor& labels_local, const Tensor& target_logit,
+    const Tensor& target_slope, const Tensor& lse, const Tensor& grad_rows,
+    double scale, int64_t block_classes) {
+  const int64_t B = x_hat.size(0), C = weight.size(0), D = weight.size(1);
+  const int64_t K = std::min(std::max<int64_t>(block_classes, 1), C);
+  Tensor dx_hat = at::zeros({B, D}, x_hat.options());
+  Tensor dw = at::empty_like(weight, at::MemoryFormat::Contiguous);
+  if (B == 0) return {dx_hat, dw.zero_()};
+  const bool float_weight = weight.scalar_type() == at::kFloat;
+  Tensor buffer = at::empty({B, K}, x_hat.options());
+  Tensor dw_buffer = float_weight ? Tensor() : at::empty({K, D}, x_hat.options());
+  const float* inv = w_inv.data_ptr<float>();
+  const int64_t* lab = labels_local.data_ptr<int64_t>();
+  const float* tgt = target_logit.data_ptr<float>();
+  const float* slope = target_slope.data_ptr<float>();
+  const float* lse_p = lse.data_ptr<float>();
+  const float* g = grad_rows.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+
+  for (int64_t c0 = 0; c0 < C; c0 += K) {
+    const int64_t k = std::min(K, C - c0);
+    const Tensor w_blk = float_block(weight, c0, k);
+    Tensor e = scratch_view(buffer, B, k);
+    at::mm_out(e, x_hat, w_blk.t());
+    float* ep = e.data_ptr<float>();
+    at::parallel_for(0, B, grain_for(k), [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        float* row = ep + i * k;
+        const float coef = g[i] * s;
+        if (coef == 0.0f) {  // ignored rows contribute exactly nothing
+          std::fill(row, row + k, 0.0f);
+          continue;
+        }
+        const int64_t t = logits_to_z(row, inv + c0, k, s, lab[i], c0, tgt[i]);
+        cpu::softmax_grad_columns(row, inv + c0, k, lse_p[i], coef);
+        if (t >= 0) row[t] = (row[t] - coef * inv[c0 + t]) * slope[i];
+      }
+    });
+    dx_hat.addmm_(e, w_blk);
+    Tensor dw_blk = float_weight ? dw.narrow(0, c0, k) : scratch_view(dw_buffer, k, D);
+    at::mm_out(dw_blk, e.t(), x_hat);
+    project_rows(dw_blk, w_blk, inv + c0);
+    if (!float_weight) dw.narrow(0, c0, k).copy_(dw_blk);
+  }
+  return {dx_hat, dw};
+}
+
+std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
+    const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
+    const Tensor& labels_local, const Tensor& target_logit,
+    const Tensor& target_slope, const Tensor& grad_rows, double scale,
+    int64_t block_rows) {
+  TORCH_CHECK(weight.scalar_type() == at::kFloat,
+              "fused_forward_backward takes float32 weights");
+  const int64_t B = x_hat.size(0), C = weight.size(0), D = weight.size(1);
+  const int64_t R = std::min(std::max<int64_t>(block_rows, 1), std::max<int64_t>(B, 1));
+  Tensor lse = at::empty({B}, x_hat.options());
+  Tensor dx_hat = at::empty({B, D}, x_hat.options());
+  Tensor dw = at::zeros({C, D}, weight.options());
+  if (B == 0) return {lse, dx_hat, dw};
+  Tensor buffer = at::empty({R, C}, x_hat.options());
+  const float* inv = w_inv.data_ptr<float>();
+  const int64_t* lab = labels_local.data_ptr<int64_t>();
+  const float* tgt = target_logit.data_ptr<float>();
+  const float* slope = target_slope.data_ptr<float>();
+  const float* g = grad_rows.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+
+  for (int64_t r0 = 0; r0 < B; r0 += R) {
+    const int64_t r = std::min(R, B - r0);
+    const Tensor x_blk = x_hat.narrow(0, r0, r);
+    Tensor e = scratch_view(buffer, r, C);
+    at::mm_out(e, x_blk, weight.t());
+    float* ep = e.data_ptr<float>();
+    at::parallel_for(0, r, 1, [&](int64_t a, int64_t b) {
+      for (int64_t ii = a; ii < b; ++ii) {
+        const int64_t i = r0 + ii;
+        float* row = ep + ii * C;
+        const int64_t t = logits_to_z(row, inv, C, s, lab[i], 0, tgt[i]);
+        const float mx = cpu::row_max(row, C);
+        lse_p[i] = mx + std::log(cpu::row_sum_exp(row, C, mx));
+        const float coef = g[i] * s;
+        if (coef == 0.0f) {
+          std::fill(row, row + C, 0.0f);
+          continue;
+        }
+        cpu::softmax_grad_columns(row, inv, C, lse_p[i], coef);
+        if (t >= 0) row[t] = (row[t] - coef * inv[t]) * slope[i];
+      }
+    });
+    Tensor dx_blk = dx_hat.narrow(0, r0, r);
+    at::mm_out(dx_blk, e, weight);
+    dw.addmm_(e.t(), x_blk);
+  }
+  project_rows(dw, weight, inv);
+  return {lse, dx_hat, dw};
+}
+
+}  // namespace margin_kernels

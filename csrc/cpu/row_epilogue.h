@@ -1,0 +1,27 @@
+// Row-wise epilogue loops over one logits row, on raw float pointers. They hold
+// no torch types so that the compiler vectorizes them for each ISA clone.
+#pragma once
+
+#include <cstdint>
+
+namespace margin_kernels::cpu {
+
+// z_j <- scale * z_j * inv_j, in place.
+void scale_columns(float* z, const float* inv, int64_t n, float scale);
+
+// max_j z_j (n >= 1).
+float row_max(const float* z, int64_t n);
+
+// sum_j exp(z_j - shift).
+float row_sum_exp(const float* z, int64_t n, float shift);
+
+// z_j <- coef * exp(z_j - shift) * inv_j, in place: d(loss)/d(cos_j) before the
+// target column's correction, with 1/||w_j|| folded in for the weight GEMMs.
+void softmax_grad_columns(float* z, const float* inv, int64_t n, float shift,
+                          float coef);
+
+// y <- y - a * x (length n); and the dot product of two rows.
+void sub_scaled(float* y, const float* x, float a, int64_t n);
+float dot(const float* a, const float* b, int64_t n);
+
+}  // namespace margin_kernels::cpu

@@ -1,0 +1,40 @@
+// Kernel contract of DESIGN.md §2 for one class shard, plus the single-shard
+// row-chunked shortcut. All per-row vectors are float32; x_hat is float32 and
+// already normalized; W is the raw (unnormalized) class matrix of the shard.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <tuple>
+
+namespace margin_kernels {
+
+// 1 / max(||w_j||, eps) per row of `weight`, accumulated in float32.
+at::Tensor row_inv_norms(const at::Tensor& weight, double eps);
+
+// Sweeps class blocks of `block_classes` and returns the shard's logsumexp per
+// row. Column `labels_local[i]` (when >= 0) takes `target_logit[i]` instead of
+// s * cos. Never holds more than B x block_classes logits.
+at::Tensor lse_forward(const at::Tensor& x_hat, const at::Tensor& weight,
+                       const at::Tensor& w_inv, const at::Tensor& labels_local,
+                       const at::Tensor& target_logit, double scale,
+                       int64_t block_classes);
+
+// Recomputes each class block and returns (dx_hat float32 [B, D], dW [C, D] in
+// weight's dtype), for row weights `grad_rows` and the global `lse`.
+std::tuple<at::Tensor, at::Tensor> lse_backward(
+    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
+    const at::Tensor& labels_local, const at::Tensor& target_logit,
+    const at::Tensor& target_slope, const at::Tensor& lse,
+    const at::Tensor& grad_rows, double scale, int64_t block_classes);
+
+// Single-shard shortcut: sweeps chunks of `block_rows` rows over all classes and
+// returns (lse, dx_hat, dW) for row weights `grad_rows` in one pass of three
+// GEMMs. float32 weights only.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
+    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
+    const at::Tensor& labels_local, const at::Tensor& target_logit,
+    const at::Tensor& target_slope, const at::Tensor& grad_rows, double scale,
+    int64_t block_rows);
+
+}  // namespace margin_kernels

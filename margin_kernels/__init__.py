@@ -1,0 +1,34 @@
+"""Fused margin-softmax losses (ArcFace, CosFace, ElasticFace, ...) that never
+build the batch x classes logits matrix. See README.md and DESIGN.md."""
+import torch  # noqa: F401  (before _C, whose symbols live in libtorch)
+
+from . import nn
+from .functional import draw_margins, margin_cross_entropy
+from .margins import (
+    ArcFace,
+    CombinedMargin,
+    CosFace,
+    ElasticArcFace,
+    ElasticCosFace,
+    Margin,
+    NormSoftmax,
+    RowMargins,
+    SphereFace,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArcFace",
+    "CombinedMargin",
+    "CosFace",
+    "ElasticArcFace",
+    "ElasticCosFace",
+    "Margin",
+    "NormSoftmax",
+    "RowMargins",
+    "SphereFace",
+    "draw_margins",
+    "margin_cross_entropy",
+    "nn",
+]

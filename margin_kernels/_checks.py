@@ -1,0 +1,81 @@
+"""Argument validation shared by the functional API, the modules and PartialFC.
+
+``check_args`` looks only at types, shapes, dtypes and devices (free, and
+traceable by torch.compile); ``check_values`` reads the data (label range,
+NaN/Inf) and therefore synchronizes with the device.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .margins import Margin
+
+REDUCTIONS = ("mean", "sum", "none")
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = FUSED_DTYPES + (torch.float64,)
+
+
+def _tensor(name: str, value: object) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_args(embeddings: Tensor, weight: Tensor, labels: Tensor, margin: Margin, reduction: str) -> None:
+    _tensor("embeddings", embeddings)
+    _tensor("weight", weight)
+    _tensor("labels", labels)
+    if not isinstance(margin, Margin):
+        raise TypeError(f"margin must be a margin_kernels margin spec (e.g. ArcFace()), got {type(margin).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be 2-D [B, D], got shape {tuple(embeddings.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [C, D], got shape {tuple(weight.shape)}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be 1-D [B], got shape {tuple(labels.shape)}")
+    if embeddings.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"embeddings must be float32, bfloat16, float16 or float64, got {embeddings.dtype}")
+    if weight.dtype != embeddings.dtype:
+        raise TypeError(
+            f"weight dtype {weight.dtype} does not match embeddings dtype {embeddings.dtype}; cast one of them"
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight must have at least one class (C >= 1), got C = 0")
+    if weight.shape[1] != embeddings.shape[1]:
+        raise ValueError(
+            f"weight has D = {weight.shape[1]} but embeddings have D = {embeddings.shape[1]} (shapes "
+            f"{tuple(weight.shape)} and {tuple(embeddings.shape)})"
+        )
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} rows but embeddings have B = {embeddings.shape[0]}")
+    if not (embeddings.device == weight.device == labels.device):
+        raise ValueError(
+            f"embeddings, weight and labels must be on one device, got {embeddings.device}, "
+            f"{weight.device} and {labels.device}"
+        )
+
+
+def check_values(
+    embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, *, num_classes: int | None = None
+) -> None:
+    """Labels in [0, num_classes) or == ignore_index; no NaN/Inf in embeddings or weight.
+
+    ``num_classes`` defaults to weight's row count (PartialFC passes the global one).
+    """
+    num_classes = weight.shape[0] if num_classes is None else num_classes
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; "
+            f"row {row} has label {int(labels[row])}"
+        )
+    if not bool(torch.isfinite(embeddings).all()):
+        raise ValueError("embeddings contain NaN or Inf")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight contains NaN or Inf")

@@ -1,0 +1,126 @@
+"""The fused loss as torch.library custom ops, so that torch.compile traces it
+without graph breaks and the meta device can plan its memory.
+
+``margin_kernels::margin_ce_rows`` is the single-shard loss per row on top of
+the kernel contract; its backward is ``margin_kernels::margin_ce_rows_backward``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import backends
+from ._checks import check_values
+
+
+def _labels_local(labels: Tensor, ignore_index: int) -> Tensor:
+    return torch.where(labels == ignore_index, torch.full_like(labels, -1), labels).long()
+
+
+@torch.library.custom_op("margin_kernels::margin_ce_rows", mutates_args=())
+def margin_ce_rows(
+    x_hat: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    target_logit: Tensor,
+    target_slope: Tensor,
+    s: float,
+    ignore_index: int,
+    backend: str,
+    workspace_bytes: int,
+    check: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss per row, logsumexp per row, 1/||w_j||) of the fused loss."""
+    if check:
+        check_values(x_hat, weight, labels, ignore_index)
+    kernels = backends.load(backend)
+    labels_local = _labels_local(labels, ignore_index)
+    w_inv = kernels.row_inv_norms(weight)
+    lse = kernels.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_bytes)
+    loss = torch.where(labels_local >= 0, lse - target_logit, torch.zeros_like(lse))
+    return loss, lse, w_inv
+
+
+@margin_ce_rows.register_fake
+def _(x_hat, weight, labels, target_logit, target_slope, s, ignore_index, backend, workspace_bytes, check):
+    b, c = x_hat.shape[0], weight.shape[0]
+    return x_hat.new_empty(b), x_hat.new_empty(b), x_hat.new_empty(c)
+
+
+@torch.library.custom_op("margin_kernels::margin_ce_rows_backward", mutates_args=())
+def margin_ce_rows_backward(
+    grad_rows: Tensor,
+    x_hat: Tensor,
+    weight: Tensor,
+    w_inv: Tensor,
+    labels: Tensor,
+    target_logit: Tensor,
+    target_slope: Tensor,
+    lse: Tensor,
+    s: float,
+    ignore_index: int,
+    backend: str,
+    workspace_bytes: int,
+) -> tuple[Tensor, Tensor]:
+    """(d loss / d x_hat, d loss / d weight) for upstream per-row gradients."""
+    kernels = backends.load(backend)
+    labels_local = _labels_local(labels, ignore_index)
+    g = torch.where(labels_local >= 0, grad_rows.float(), torch.zeros_like(lse))
+    return kernels.lse_backward(
+        x_hat, weight, w_inv, labels_local, target_logit, target_slope, s, lse, g, workspace_bytes
+    )
+
+
+@margin_ce_rows_backward.register_fake
+def _(grad_rows, x_hat, weight, w_inv, labels, target_logit, target_slope, lse, s, ignore_index, backend, workspace_bytes):
+    return torch.empty_like(x_hat), torch.empty_like(weight)
+
+
+def _setup_context(ctx, inputs, output):
+    x_hat, weight, labels, target_logit, target_slope, s, ignore_index, backend, workspace_bytes, _ = inputs
+    _, lse, w_inv = output
+    ctx.save_for_backward(x_hat, weight, w_inv, labels, target_logit, target_slope, lse)
+    ctx.args = (s, ignore_index, backend, workspace_bytes)
+    ctx.mark_non_differentiable(lse, w_inv)
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_w_inv):
+    x_hat, weight, w_inv, labels, target_logit, target_slope, lse = ctx.saved_tensors
+    dx_hat, dw = margin_ce_rows_backward(grad_loss, x_hat, weight, w_inv, labels, target_logit, target_slope, lse, *ctx.args)
+    return dx_hat, dw, None, None, None, None, None, None, None, None
+
+
+margin_ce_rows.register_autograd(_backward, setup_context=_setup_context)
+
+
+class FusedReducedLoss(torch.autograd.Function):
+    """The single-shard shortcut: forward computes the reduced loss and both
+    gradients in one row-chunked sweep (three GEMMs); backward only scales them
+    by the upstream gradient, in place, so no second C x D tensor appears.
+
+    Eager only (functional.py never uses it under torch.compile).
+    """
+
+    @staticmethod
+    def forward(ctx, x_hat, weight, labels_local, target_logit, target_slope, row_scale, s, kernels, workspace_bytes):
+        w_inv = kernels.row_inv_norms(weight)
+        lse, dx_hat, dw = kernels.fused_forward_backward(
+            x_hat, weight, w_inv, labels_local, target_logit, target_slope, row_scale, s, workspace_bytes
+        )
+        loss = (row_scale * (lse - target_logit)).sum()
+        ctx.save_for_backward(dx_hat, dw)
+        ctx.consumed = False
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        if ctx.consumed:
+            raise RuntimeError(
+                "margin_cross_entropy: a second backward through the fused single-pass path "
+                "(retain_graph=True) is not supported; its gradients were scaled in place. "
+                "Pass reduction='none' and reduce yourself to backpropagate twice."
+            )
+        ctx.consumed = True
+        dx_hat, dw = ctx.saved_tensors
+        return dx_hat.mul_(grad_loss), dw.mul_(grad_loss), None, None, None, None, None, None, None

@@ -1,0 +1,60 @@
+"""Fused backends. Each module meets the kernel contract of DESIGN.md §2 on one
+class shard:
+
+    row_inv_norms(weight) -> w_inv [C] float32
+    lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_bytes) -> lse [B]
+    lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, s,
+                 lse, grad_rows, workspace_bytes) -> (dx_hat [B, D] float32, dW [C, D])
+
+``labels_local`` is -1 for rows whose class is not in the shard (or ignored);
+``target_logit`` is s * t for the rows' target columns and ``target_slope`` is
+dt/dc there (see margin_kernels.margins.target_logit). A backend may also offer
+
+    fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit,
+                           target_slope, grad_rows, s, workspace_bytes) -> (lse, dx_hat, dW)
+
+the single-shard shortcut that sweeps row chunks over all classes.
+"""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "cpp", "triton")
+
+# Bytes of scratch (logits blocks and per-block copies) a sweep may hold.
+DEFAULT_WORKSPACE_BYTES = 64 * 2**20
+
+
+def load(name: str) -> ModuleType:
+    """The backend module ``name`` ('cpp' or 'triton'); raises if it cannot run here."""
+    if name not in ("cpp", "triton"):
+        raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    reason = module.unavailable_reason()
+    if reason:
+        raise RuntimeError(f"backend={name!r} is unavailable: {reason}")
+    return module
+
+
+def is_available(name: str) -> bool:
+    try:
+        load(name)
+    except (RuntimeError, ImportError):
+        return False
+    return True
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """Turn 'auto' into a concrete backend for tensors on ``device``."""
+    if name != "auto":
+        if name not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
+        return name
+    if device.type == "cuda" and is_available("triton"):
+        return "triton"
+    if device.type == "cpu" and is_available("cpp"):
+        return "cpp"
+    return "reference"

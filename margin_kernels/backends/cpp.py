@@ -1,0 +1,74 @@
+"""The C++ backend (csrc/): ATen GEMMs on class blocks plus fused C++ epilogues."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    from margin_kernels import _C
+except ImportError as exc:  # the extension was not built
+    _C = None
+    _IMPORT_ERROR = str(exc)
+
+from ..reference import NORM_EPS
+
+FLOAT_BYTES = 4
+
+
+def unavailable_reason() -> str | None:
+    if _C is None:
+        return f"margin_kernels._C is not built ({_IMPORT_ERROR}); run pip install --no-build-isolation -e ."
+    return None
+
+
+def _check_device(t: Tensor) -> None:
+    if t.device.type != "cpu":
+        raise RuntimeError(
+            "backend='cpp' runs on CPU tensors only in this build (its CUDA kernels are not compiled); "
+            f"got a tensor on {t.device}. Use backend='triton' or 'reference' on GPUs."
+        )
+
+
+def block_classes(batch: int, dim: int, weight_dtype: torch.dtype, workspace_bytes: int) -> int:
+    """Classes per block so that the block's scratch fits the budget.
+
+    Per class: a logits column of B floats, plus a float32 copy of the weight
+    row and its gradient row when the weight is not float32.
+    """
+    per_class = FLOAT_BYTES * (batch + (0 if weight_dtype == torch.float32 else 2 * dim))
+    return max(1, workspace_bytes // max(per_class, 1))
+
+
+def block_rows(num_classes: int, workspace_bytes: int) -> int:
+    """Rows per chunk of the row-chunked sweep: a chunk holds rows x C logits."""
+    return max(1, workspace_bytes // (FLOAT_BYTES * max(num_classes, 1)))
+
+
+def row_inv_norms(weight: Tensor) -> Tensor:
+    _check_device(weight)
+    return _C.row_inv_norms(weight.contiguous(), NORM_EPS)
+
+
+def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_bytes):
+    _check_device(x_hat)
+    k = block_classes(x_hat.shape[0], x_hat.shape[1], weight.dtype, workspace_bytes)
+    return _C.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, float(s), k)
+
+
+def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, s, lse, grad_rows, workspace_bytes):
+    _check_device(x_hat)
+    k = block_classes(x_hat.shape[0], x_hat.shape[1], weight.dtype, workspace_bytes)
+    return _C.lse_backward(
+        x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse, grad_rows.float().contiguous(), float(s), k
+    )
+
+
+def supports_fused(weight: Tensor) -> bool:
+    return weight.dtype == torch.float32 and weight.device.type == "cpu"
+
+
+def fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, grad_rows, s, workspace_bytes):
+    r = block_rows(weight.shape[0], workspace_bytes)
+    return _C.fused_forward_backward(
+        x_hat, weight, w_inv, labels_local, target_logit, target_slope, grad_rows.float().contiguous(), float(s), r
+    )

@@ -1,0 +1,146 @@
+"""margin_cross_entropy(): validation, dispatch to a backend, autograd."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends, reference
+from ._checks import FUSED_DTYPES, check_args, check_values
+from .margins import Margin, RowMargins, target_logit
+
+__all__ = ["margin_cross_entropy", "draw_margins", "target_cosine"]
+
+
+def target_cosine(x_hat: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
+    """cos(x_i, w_{labels_i}) per row, from a gather of B weight rows (no grad).
+
+    Labels must already be valid row indices of ``weight``.
+    """
+    with torch.no_grad():
+        w_rows = F.normalize(weight.index_select(0, labels).float(), dim=1, eps=reference.NORM_EPS)
+        return (x_hat.detach().float() * w_rows).sum(dim=1)
+
+
+def draw_margins(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: Margin,
+    *,
+    ignore_index: int = -100,
+    generator: torch.Generator | None = None,
+) -> RowMargins:
+    """The per-row (m1, m2, m3) that ``margin_cross_entropy`` would use for this batch.
+
+    Sorted elastic margins need the rows' target cosines; they are computed
+    here from a gather of B weight rows.
+    """
+    valid = labels != ignore_index
+    cos_y = None
+    if margin.needs_target_cosine:
+        safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
+        x_hat = F.normalize(embeddings.detach().float(), dim=1, eps=reference.NORM_EPS)
+        cos_y = target_cosine(x_hat, weight, safe_labels)
+    return margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=cos_y, valid=valid, generator=generator)
+
+
+def margin_cross_entropy(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: Margin,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    backend: str = "auto",
+    generator: torch.Generator | None = None,
+    return_lse: bool = False,
+    workspace_bytes: int | None = None,
+    margins: RowMargins | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Margin-softmax cross-entropy of ``embeddings`` against class ``weight``.
+
+    Computes, for x_hat and w_hat the L2-normalized rows,
+    ``loss_i = logsumexp_j z_ij - z_iy`` with ``z_ij = s cos(x_i, w_j)`` and the
+    target logit ``z_iy = s (cos(m1 theta + m2) - m3)`` (DESIGN.md §1). Fused
+    backends never hold the B x C logits.
+
+    Args:
+        embeddings: [B, D] float32, bfloat16 or float16 (float64: reference only).
+        weight: [C, D] class weights of the same dtype and device; not normalized.
+        labels: [B] integer class indices in [0, C), or ``ignore_index``.
+        margin: a margin spec: ``ArcFace()``, ``CosFace()``, ``CombinedMargin()``...
+        reduction: ``"mean"`` (over rows not ignored; 0 when all are), ``"sum"`` or ``"none"``.
+        ignore_index: label value whose rows contribute nothing.
+        backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
+        generator: source of elastic margin draws, for reproducible steps.
+        return_lse: also return the per-row logsumexp (detached).
+        workspace_bytes: scratch budget of the fused sweep (default 64 MiB).
+        margins: per-row (m1, m2, m3) to use instead of drawing them from
+            ``margin`` (e.g. the ``last_margins`` of an elastic module, to replay a step).
+
+    Returns:
+        The loss (a scalar, or [B] for ``reduction="none"``) in float32, and the
+        [B] logsumexp if ``return_lse``.
+    """
+    check_args(embeddings, weight, labels, margin, reduction)
+    name = backends.resolve(backend, embeddings.device)
+    if name != "reference" and embeddings.dtype not in FUSED_DTYPES:
+        raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 inputs, got {embeddings.dtype}")
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        check_values(embeddings, weight, labels, ignore_index)
+
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
+    x_hat = F.normalize(embeddings.float() if name != "reference" else embeddings, dim=1, eps=reference.NORM_EPS)
+    if margins is None:
+        margins = draw_margins(embeddings, weight, labels, margin, ignore_index=ignore_index, generator=generator)
+    flags = dict(overflow=margin.overflow, easy_margin=margin.easy_margin, detach_margin=margin.detach_margin)
+
+    if name == "reference":
+        loss, lse = reference.margin_cross_entropy(
+            embeddings, weight, labels, margins, s=margin.s, reduction=reduction, ignore_index=ignore_index, **flags
+        )
+        return (loss, lse) if return_lse else loss
+
+    t, slope = target_logit(target_cosine(x_hat, weight, safe_labels), margins, **flags)
+    target = margin.s * t
+    workspace = backends.DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)
+    kernels = backends.load(name)
+
+    if _can_fuse(kernels, weight, reduction, compiling):
+        labels_local = torch.where(valid, labels, torch.full_like(labels, -1)).long()
+        row_scale = valid.float()
+        if reduction == "mean":
+            row_scale = row_scale / valid.sum().clamp_min(1)
+        from ._ops import FusedReducedLoss
+
+        loss, lse = FusedReducedLoss.apply(
+            x_hat.contiguous(), weight, labels_local, target, slope, row_scale, margin.s, kernels, workspace
+        )
+    else:
+        rows, lse, _ = torch.ops.margin_kernels.margin_ce_rows(
+            x_hat.contiguous(), weight.contiguous(), labels, target, slope, float(margin.s), int(ignore_index),
+            name, workspace, compiling,
+        )
+        loss = reference.reduce_rows(rows, valid, reduction)
+    return (loss, lse) if return_lse else loss
+
+
+def _can_fuse(kernels, weight: Tensor, reduction: str, compiling: bool) -> bool:
+    """The row-chunked single-pass shortcut: eager, reduced, weight gradient wanted."""
+    return (
+        not compiling
+        and reduction in ("mean", "sum")
+        and torch.is_grad_enabled()
+        and weight.requires_grad
+        and weight.is_contiguous()
+        and hasattr(kernels, "fused_forward_backward")
+        and kernels.supports_fused(weight)
+    )
+
+
+# Registers the custom ops (import for the side effect, after the names above).
+from . import _ops  # noqa: E402,F401

@@ -1,0 +1,277 @@
+"""Margin specifications and the per-row target transform (DESIGN.md §1).
+
+Every margin is a choice of the per-row triple (m1, m2, m3) and the scale s:
+
+    t_i = cos(m1_i * theta_i + m2_i) - m3_i,     theta_i = arccos(cos_target_i)
+
+A spec turns a batch into those per-row tensors (:meth:`Margin.row_margins`);
+:func:`target_logit` turns the target cosines into the target logit ``s * t``
+and its slope ``dt/dc``, which is all a fused kernel needs to know of the margin.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import KW_ONLY, dataclass
+from typing import ClassVar, Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Margin",
+    "RowMargins",
+    "NormSoftmax",
+    "CosFace",
+    "ArcFace",
+    "SphereFace",
+    "CombinedMargin",
+    "ElasticArcFace",
+    "ElasticCosFace",
+    "target_logit",
+]
+
+Overflow = Literal["classic", "none"]
+
+# Floor on sin(theta) in the slope m1 sin(m1 theta + m2) / sin(theta): the true
+# derivative diverges at cos = +-1 when m2 > 0; float32 never gets closer than
+# sin(theta) ~ 3.4e-4 without being exactly +-1, so the floor only acts there.
+SIN_EPS = 1e-6
+
+
+class RowMargins(NamedTuple):
+    """The per-row margin triple, float32 tensors of shape [B]."""
+
+    m1: Tensor
+    m2: Tensor
+    m3: Tensor
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+def _finite(name: str, value: float) -> None:
+    _require(isinstance(value, (int, float)) and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Margin:
+    """Base of every margin spec: the scale and the behaviour shared by all."""
+
+    s: float = 64.0
+    _: KW_ONLY
+    overflow: Overflow = "classic"
+    easy_margin: bool = False
+    detach_margin: bool = False
+
+    #: True for specs whose per-row margins depend on the target cosines.
+    needs_target_cosine: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        _finite("s", self.s)
+        _require(self.s > 0, f"s must be > 0, got {self.s}")
+        _require(self.overflow in ("classic", "none"), f"overflow must be 'classic' or 'none', got {self.overflow!r}")
+
+    def fixed_triple(self) -> tuple[float, float, float]:
+        """(m1, m2, m3) of a fixed margin; elastic specs override row_margins."""
+        raise NotImplementedError
+
+    def row_margins(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str = "cpu",
+        cos_target: Tensor | None = None,
+        valid: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> RowMargins:
+        """Per-row (m1, m2, m3) for a batch of ``batch_size`` rows.
+
+        ``cos_target`` (the rows' target cosines) and ``valid`` (rows whose label
+        is not ignored) are used only by the sorted elastic variants; elastic
+        draws come from ``generator`` so that a step can be reproduced.
+        """
+        m1, m2, m3 = self.fixed_triple()
+        full = lambda v: torch.full((batch_size,), float(v), dtype=torch.float32, device=device)  # noqa: E731
+        return RowMargins(full(m1), full(m2), full(m3))
+
+
+@dataclass(frozen=True)
+class NormSoftmax(Margin):
+    """Normalized softmax: cosine logits scaled by ``s``, no margin."""
+
+    def fixed_triple(self) -> tuple[float, float, float]:
+        return 1.0, 0.0, 0.0
+
+
+@dataclass(frozen=True)
+class CosFace(Margin):
+    """CosFace / AM-Softmax: target logit ``s * (cos theta - m)``."""
+
+    m: float = 0.35
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _finite("m", self.m)
+
+    def fixed_triple(self) -> tuple[float, float, float]:
+        return 1.0, 0.0, float(self.m)
+
+
+@dataclass(frozen=True)
+class ArcFace(Margin):
+    """ArcFace: target logit ``s * cos(theta + m)``."""
+
+    m: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _finite("m", self.m)
+
+    def fixed_triple(self) -> tuple[float, float, float]:
+        return 1.0, float(self.m), 0.0
+
+
+@dataclass(frozen=True)
+class SphereFace(Margin):
+    """SphereFace-style multiplicative angular margin: ``s * cos(m * theta)``."""
+
+    m: float = 1.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _finite("m", self.m)
+        _require(self.m >= 1, f"m must be >= 1 for SphereFace, got {self.m}")
+
+    def fixed_triple(self) -> tuple[float, float, float]:
+        return float(self.m), 0.0, 0.0
+
+
+@dataclass(frozen=True)
+class CombinedMargin(Margin):
+    """insightface's combined margin ``s * (cos(m1 theta + m2) - m3)``, all three applied."""
+
+    m1: float = 1.0
+    m2: float = 0.5
+    m3: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("m1", "m2", "m3"):
+            _finite(name, getattr(self, name))
+        _require(self.m1 >= 1, f"m1 must be >= 1, got {self.m1}")
+
+    def fixed_triple(self) -> tuple[float, float, float]:
+        return float(self.m1), float(self.m2), float(self.m3)
+
+
+@dataclass(frozen=True)
+class _Elastic(Margin):
+    """Margins drawn per row from N(m, std); ``plus`` sorts them (ElasticFace+)."""
+
+    m: float = 0.5
+    std: float | None = None
+    plus: bool = False
+
+    needs_target_cosine: ClassVar[bool] = True  # only consulted when plus=True
+    _default_std: ClassVar[tuple[float, float]] = (0.05, 0.05)  # (plain, plus)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.std is None:
+            object.__setattr__(self, "std", self._default_std[1] if self.plus else self._default_std[0])
+        _finite("m", self.m)
+        _finite("std", self.std)
+        _require(self.std >= 0, f"std must be >= 0, got {self.std}")
+
+    def _draw(self, batch_size: int, device: torch.device | str, generator: torch.Generator | None) -> Tensor:
+        mean = torch.full((batch_size,), float(self.m), dtype=torch.float32, device=device)
+        if self.std == 0:
+            return mean
+        return torch.normal(mean, float(self.std), generator=generator)
+
+    def _place(self, m: Tensor) -> RowMargins:
+        raise NotImplementedError
+
+    def row_margins(self, batch_size, *, device="cpu", cos_target=None, valid=None, generator=None):
+        m = self._draw(batch_size, device, generator)
+        if self.plus:
+            if cos_target is None:
+                raise ValueError(f"{type(self).__name__}(plus=True) needs cos_target to sort its margins")
+            m = _sort_by_difficulty(m, cos_target, valid)
+        return self._place(m)
+
+
+def _sort_by_difficulty(m: Tensor, cos_target: Tensor, valid: Tensor | None) -> Tensor:
+    """Give the valid row with the lowest target cosine the largest margin.
+
+    The ElasticFace+ paper's intent. Its official code indexes the sorted margins
+    by the sorting permutation instead of its inverse, which assigns them in an
+    order unrelated to the cosines; we apply the monotone assignment.
+    """
+    rows = torch.arange(m.numel(), device=m.device) if valid is None else valid.nonzero().squeeze(1)
+    out = m.clone()
+    order = torch.argsort(cos_target[rows].detach(), descending=True)  # easiest row first
+    out[rows[order]] = torch.sort(m[rows]).values  # ... gets the smallest margin
+    return out
+
+
+@dataclass(frozen=True)
+class ElasticArcFace(_Elastic):
+    """ElasticFace-Arc: ArcFace with m2 ~ N(m, std) per row (``plus``: sorted, std 0.0175)."""
+
+    m: float = 0.5
+    _default_std: ClassVar[tuple[float, float]] = (0.05, 0.0175)
+
+    def _place(self, m: Tensor) -> RowMargins:
+        return RowMargins(torch.ones_like(m), m, torch.zeros_like(m))
+
+
+@dataclass(frozen=True)
+class ElasticCosFace(_Elastic):
+    """ElasticFace-Cos: CosFace with m3 ~ N(m, std) per row (``plus``: sorted, std 0.025)."""
+
+    m: float = 0.35
+    _default_std: ClassVar[tuple[float, float]] = (0.05, 0.025)
+
+    def _place(self, m: Tensor) -> RowMargins:
+        return RowMargins(torch.ones_like(m), torch.zeros_like(m), m)
+
+
+def target_logit(
+    cos_target: Tensor,
+    margins: RowMargins,
+    *,
+    overflow: Overflow = "classic",
+    easy_margin: bool = False,
+    detach_margin: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Target cosine after the margin, ``t``, and its slope ``dt/dc`` per row.
+
+    ``overflow="classic"``: where ``m1 theta + m2 >= pi`` (cos would turn back
+    up), use ``t = c - m2 sin(m2) - m3``, slope 1. For m1 = 1 this is ArcFace's
+    ``th = cos(pi - m)``, ``mm = m sin m`` rule; for m1 != 1 we keep the same
+    offset, so a pure multiplicative margin (m2 = 0) falls back to ``c - m3``.
+    ``easy_margin``: no margin where ``c <= 0``. ``detach_margin``: slope 1 (the
+    margin as a constant offset, as insightface and opensphere train).
+    Rows with m1 = 1 and m2 = 0 skip the arccos: ``t = c - m3`` exactly.
+    """
+    c = cos_target.float().clamp(-1.0, 1.0)
+    m1, m2, m3 = (v.float() for v in margins)
+    theta = torch.acos(c)
+    angle = m1 * theta + m2
+    sin_theta = ((1.0 - c) * (1.0 + c)).sqrt().clamp_min(SIN_EPS)
+    plain = (m1 == 1.0) & (m2 == 0.0)
+    t = torch.where(plain, c - m3, torch.cos(angle) - m3)
+    slope = torch.where(plain, torch.ones_like(c), m1 * torch.sin(angle) / sin_theta)
+    if overflow == "classic":
+        over = angle >= math.pi
+        t = torch.where(over, c - m2 * torch.sin(m2) - m3, t)
+        slope = torch.where(over, torch.ones_like(c), slope)
+    if easy_margin:
+        t = torch.where(c > 0, t, c)
+        slope = torch.where(c > 0, slope, torch.ones_like(c))
+    if detach_margin:
+        slope = torch.ones_like(c)
+    return t, slope

@@ -1,0 +1,115 @@
+"""nn.Module heads that own the class weights and return the loss.
+
+    head = margin_kernels.nn.ArcFace(512, 100_000)        # s=64, m=0.5
+    loss = head(embeddings, labels)
+
+Each named head forwards its positional and keyword margin arguments to the spec
+of the same name in :mod:`margin_kernels.margins` (``nn.ArcFace(512, C, 64.0, 0.5,
+easy_margin=True)``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import margins as _margins
+from .functional import draw_margins, margin_cross_entropy
+from .margins import Margin, RowMargins
+
+__all__ = [
+    "MarginSoftmaxLoss",
+    "NormSoftmax",
+    "CosFace",
+    "ArcFace",
+    "SphereFace",
+    "CombinedMargin",
+    "ElasticArcFace",
+    "ElasticCosFace",
+]
+
+
+class MarginSoftmaxLoss(nn.Module):
+    """A class-weight matrix [num_classes, embedding_size] and a margin loss on it.
+
+    Args:
+        embedding_size: D.
+        num_classes: C.
+        margin: the margin spec.
+        reduction, ignore_index, backend, workspace_bytes: as in ``margin_cross_entropy``.
+        generator: source of elastic draws; ``last_margins`` keeps the last step's.
+        device, dtype: of the weight (initialized N(0, 0.01) like insightface).
+    """
+
+    last_margins: RowMargins | None
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        margin: Margin,
+        *,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        backend: str = "auto",
+        workspace_bytes: int | None = None,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if embedding_size < 1 or num_classes < 1:
+            raise ValueError(f"embedding_size and num_classes must be >= 1, got {embedding_size} and {num_classes}")
+        self.margin = margin
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.backend = backend
+        self.workspace_bytes = workspace_bytes
+        self.generator = generator
+        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
+        self.last_margins = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, 0.01)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        row_margins = draw_margins(
+            embeddings, self.weight, labels, self.margin, ignore_index=self.ignore_index, generator=self.generator
+        )
+        self.last_margins = row_margins
+        return margin_cross_entropy(
+            embeddings,
+            self.weight,
+            labels,
+            self.margin,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            backend=self.backend,
+            workspace_bytes=self.workspace_bytes,
+            margins=row_margins,
+        )
+
+    def extra_repr(self) -> str:
+        c, d = self.weight.shape
+        return f"embedding_size={d}, num_classes={c}, margin={self.margin}, backend={self.backend!r}"
+
+
+def _named_head(spec: type[Margin]) -> type[MarginSoftmaxLoss]:
+    loss_kwargs = ("reduction", "ignore_index", "backend", "workspace_bytes", "generator", "device", "dtype")
+
+    def __init__(self, embedding_size: int, num_classes: int, *margin_args, **kwargs) -> None:
+        head_kwargs = {k: kwargs.pop(k) for k in loss_kwargs if k in kwargs}
+        MarginSoftmaxLoss.__init__(self, embedding_size, num_classes, spec(*margin_args, **kwargs), **head_kwargs)
+
+    doc = f"{spec.__name__} head: ``{spec.__name__}(embedding_size, num_classes, *margin_args, **kwargs)``.\n\n"
+    doc += f"Margin arguments go to :class:`margin_kernels.margins.{spec.__name__}`:\n\n    {spec.__doc__}"
+    return type(spec.__name__, (MarginSoftmaxLoss,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+NormSoftmax = _named_head(_margins.NormSoftmax)
+CosFace = _named_head(_margins.CosFace)
+ArcFace = _named_head(_margins.ArcFace)
+SphereFace = _named_head(_margins.SphereFace)
+CombinedMargin = _named_head(_margins.CombinedMargin)
+ElasticArcFace = _named_head(_margins.ElasticArcFace)
+ElasticCosFace = _named_head(_margins.ElasticCosFace)

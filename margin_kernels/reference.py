@@ -1,0 +1,91 @@
+"""The plain-PyTorch oracle: normalize, build the full B x C logits, apply the
+margin at the target column, cross-entropy. Autograd through everything.
+
+It is the correctness reference for every fused backend and the "naive" baseline
+of the benchmarks. It computes in float32 (float64 for float64 inputs) whatever
+the input dtype, and its derivative through arccos uses the same floor on
+sin(theta) as :func:`margin_kernels.margins.target_logit`, so that both agree at
+cos = +-1 instead of one of them returning inf.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .margins import SIN_EPS, RowMargins
+
+NORM_EPS = 1e-12
+
+
+class _SafeAcos(torch.autograd.Function):
+    """arccos whose derivative -1/sin(theta) has sin(theta) floored at SIN_EPS."""
+
+    @staticmethod
+    def forward(ctx, c: Tensor) -> Tensor:
+        ctx.save_for_backward(c)
+        return torch.acos(c)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (c,) = ctx.saved_tensors
+        return -grad / ((1.0 - c) * (1.0 + c)).sqrt().clamp_min(SIN_EPS)
+
+
+def _margin_target(c: Tensor, margins: RowMargins, overflow: str, easy_margin: bool, detach_margin: bool) -> Tensor:
+    """t = cos(m1 theta + m2) - m3 with the overflow / easy-margin rules, by autograd."""
+    # Clamp the value to [-1, 1] but let the gradient through unchanged.
+    c = c + (c.clamp(-1.0, 1.0) - c).detach()
+    m1, m2, m3 = (v.to(c.dtype) for v in margins)
+    angle = m1 * _SafeAcos.apply(c) + m2
+    plain = (m1 == 1.0) & (m2 == 0.0)
+    t = torch.where(plain, c - m3, torch.cos(angle) - m3)
+    if overflow == "classic":
+        t = torch.where(angle >= math.pi, c - m2 * torch.sin(m2) - m3, t)
+    if easy_margin:
+        t = torch.where(c > 0, t, c)
+    if detach_margin:
+        t = c + (t - c).detach()
+    return t
+
+
+def margin_cross_entropy(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margins: RowMargins,
+    *,
+    s: float,
+    overflow: str = "classic",
+    easy_margin: bool = False,
+    detach_margin: bool = False,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor]:
+    """Loss (reduced as asked) and per-row logsumexp, the naive way."""
+    compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    x_hat = F.normalize(embeddings.to(compute), dim=1, eps=NORM_EPS)
+    w_hat = F.normalize(weight.to(compute), dim=1, eps=NORM_EPS)
+    cos = x_hat @ w_hat.t()
+
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    target = _margin_target(cos.gather(1, safe_labels[:, None]).squeeze(1), margins, overflow, easy_margin, detach_margin)
+    onehot = F.one_hot(safe_labels, weight.shape[0]).bool() & valid[:, None]
+    logits = torch.where(onehot, (s * target)[:, None], s * cos)
+
+    lse = torch.logsumexp(logits, dim=1)
+    rows = torch.where(valid, lse - s * target, torch.zeros_like(lse))
+    return reduce_rows(rows, valid, reduction), lse.detach()
+
+
+def reduce_rows(rows: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """mean over valid rows (0 when there are none), sum, or the rows as they are."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp_min(1).to(total.dtype)
