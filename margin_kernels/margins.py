@@ -257,8 +257,9 @@ def target_logit(
     margin as a constant offset, as insightface and opensphere train).
     Rows with m1 = 1 and m2 = 0 skip the arccos: ``t = c - m3`` exactly.
     """
-    c = cos_target.float().clamp(-1.0, 1.0)
-    m1, m2, m3 = (v.float() for v in margins)
+    dtype = torch.float64 if cos_target.dtype == torch.float64 else torch.float32
+    c = cos_target.to(dtype).clamp(-1.0, 1.0)
+    m1, m2, m3 = (v.to(dtype) for v in margins)
     theta = torch.acos(c)
     angle = m1 * theta + m2
     sin_theta = ((1.0 - c) * (1.0 + c)).sqrt().clamp_min(SIN_EPS)

@@ -28,11 +28,16 @@ BACKENDS = ("reference", "cpp", "triton")
 DEFAULT_WORKSPACE_BYTES = 64 * 2**20
 
 
+_loaded: dict[str, ModuleType] = {}
+
+
 def load(name: str) -> ModuleType:
     """The backend module ``name`` ('cpp' or 'triton'); raises if it cannot run here."""
     if name not in ("cpp", "triton"):
         raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
-    module = importlib.import_module(f"{__name__}.{name}")
+    module = _loaded.get(name)
+    if module is None:  # first use, in eager mode: torch.compile cannot trace imports
+        module = _loaded[name] = importlib.import_module(f"{__name__}.{name}")
     reason = module.unavailable_reason()
     if reason:
         raise RuntimeError(f"backend={name!r} is unavailable: {reason}")
@@ -58,3 +63,6 @@ def resolve(name: str, device: torch.device) -> str:
     if device.type == "cpu" and is_available("cpp"):
         return "cpp"
     return "reference"
+
+
+is_available("cpp")  # import it now: cheap, and keeps imports out of compiled code
