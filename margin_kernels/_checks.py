@@ -75,7 +75,16 @@ def check_values(
             f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; "
             f"row {row} has label {int(labels[row])}"
         )
-    if not bool(torch.isfinite(embeddings).all()):
+    if not _all_finite(embeddings):
         raise ValueError("embeddings contain NaN or Inf")
-    if not bool(torch.isfinite(weight).all()):
+    if not _all_finite(weight):
         raise ValueError("weight contains NaN or Inf")
+
+
+def _all_finite(t: Tensor) -> bool:
+    """NaN propagates through min/max and +-Inf is an extreme: two scalars answer it,
+    where isfinite(t).all() would allocate a mask as large as t (C x D for weight)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))

@@ -175,3 +175,13 @@ def test_modules_train_and_keep_their_margins():
     replay = mk.margin_cross_entropy(x, head.weight, y, head.margin, margins=head.last_margins)
     assert torch.isfinite(replay)
     assert "num_classes=10" in repr(head)
+
+
+def test_large_scale_when_the_target_held_the_row_max(path):
+    """s (c - t) > 30: replacing the target column lowers the row max by more than
+    the kernel's slack, which must trigger an exact rescan, not an underflow."""
+    torch.manual_seed(1)
+    w = torch.randn(300, 24)
+    y = torch.arange(10)
+    x = w[:10] + 0.01 * torch.randn(10, 24)  # c_y ~ 1: the target column is the max
+    compare(x, w, y, mk.CosFace(s=200.0, m=0.6))

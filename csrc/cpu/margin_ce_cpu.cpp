@@ -25,15 +25,29 @@ Tensor float_block(const Tensor& weight, int64_t start, int64_t n) {
   return block.scalar_type() == at::kFloat ? block : block.to(at::kFloat);
 }
 
-// Logits row -> z = s * cos with the target column replaced; returns the
-// target's column inside this block, or -1.
-int64_t logits_to_z(float* row, const float* inv, int64_t n, float scale,
-                    int64_t label, int64_t col0, float target) {
-  cpu::scale_columns(row, inv, n, scale);
+// Replacing the target column can lower a row's max; a stale max is a valid
+// shift for logsumexp unless it overshoots so far that every exp underflows.
+constexpr float kMaxShiftSlack = 30.0f;
+
+struct ZRow {
+  int64_t target_col;  // inside this block, or -1
+  float max;           // a shift >= the row's max, within kMaxShiftSlack of it
+};
+
+// Logits row -> z = s * cos with the target column replaced by `target`.
+ZRow logits_to_z(float* row, const float* inv, int64_t n, float scale,
+                 int64_t label, int64_t col0, float target) {
+  float mx = cpu::scale_columns_max(row, inv, n, scale);
   const int64_t t = label - col0;
-  if (label < 0 || t < 0 || t >= n) return -1;
+  if (label < 0 || t < 0 || t >= n) return {-1, mx};
+  const float replaced = row[t];
   row[t] = target;
-  return t;
+  if (target >= mx) {
+    mx = target;
+  } else if (replaced >= mx && mx - target > kMaxShiftSlack) {
+    mx = cpu::row_max(row, n);
+  }
+  return {t, mx};
 }
 
 // dW_j <- G_j - w_j * inv_j^2 * (w_j . G_j): the projection that takes
@@ -49,6 +63,11 @@ void project_rows(const Tensor& grad, const Tensor& w, const float* inv) {
     }
   });
 }
+
+// out <- a @ b into existing storage. at::mm_out with a transposed operand
+// computes into a temporary of out's size and copies it (measured: +64 MiB at
+// 83 x 200k); addmm_ with beta = 0 writes in place and never reads out.
+void gemm_into(Tensor& out, const Tensor& a, const Tensor& b) { out.addmm_(a, b, /*beta=*/0, /*alpha=*/1); }
 
 int64_t grain_for(int64_t cols) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(cols, 1)); }
 
@@ -94,13 +113,13 @@ Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_in
   for (int64_t c0 = 0; c0 < C; c0 += K) {
     const int64_t k = std::min(K, C - c0);
     Tensor z = scratch_view(buffer, B, k);
-    at::mm_out(z, x_hat, float_block(weight, c0, k).t());
+    gemm_into(z, x_hat, float_block(weight, c0, k).t());
     float* zp = z.data_ptr<float>();
     at::parallel_for(0, B, grain_for(k), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         float* row = zp + i * k;
-        logits_to_z(row, inv + c0, k, s, lab[i], c0, tgt[i]);
-        const float new_max = std::max(m[i], cpu::row_max(row, k));
+        const ZRow zr = logits_to_z(row, inv + c0, k, s, lab[i], c0, tgt[i]);
+        const float new_max = std::max(m[i], zr.max);
         l[i] = l[i] * std::exp(m[i] - new_max) + cpu::row_sum_exp(row, k, new_max);
         m[i] = new_max;
       }
@@ -134,7 +153,7 @@ std::tuple<Tensor, Tensor> lse_backward(
     const int64_t k = std::min(K, C - c0);
     const Tensor w_blk = float_block(weight, c0, k);
     Tensor e = scratch_view(buffer, B, k);
-    at::mm_out(e, x_hat, w_blk.t());
+    gemm_into(e, x_hat, w_blk.t());
     float* ep = e.data_ptr<float>();
     at::parallel_for(0, B, grain_for(k), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
@@ -144,14 +163,17 @@ std::tuple<Tensor, Tensor> lse_backward(
           std::fill(row, row + k, 0.0f);
           continue;
         }
-        const int64_t t = logits_to_z(row, inv + c0, k, s, lab[i], c0, tgt[i]);
-        cpu::softmax_grad_columns(row, inv + c0, k, lse_p[i], coef);
-        if (t >= 0) row[t] = (row[t] - coef * inv[c0 + t]) * slope[i];
+        cpu::softmax_grad_from_logits(row, inv + c0, k, s, lse_p[i], coef);
+        const int64_t t = lab[i] - c0;
+        if (lab[i] >= 0 && t >= 0 && t < k) {
+          const float p_t = std::exp(tgt[i] - lse_p[i]);
+          row[t] = coef * (p_t - 1.0f) * slope[i] * inv[c0 + t];
+        }
       }
     });
     dx_hat.addmm_(e, w_blk);
     Tensor dw_blk = float_weight ? dw.narrow(0, c0, k) : scratch_view(dw_buffer, k, D);
-    at::mm_out(dw_blk, e.t(), x_hat);
+    gemm_into(dw_blk, e.t(), x_hat);
     project_rows(dw_blk, w_blk, inv + c0);
     if (!float_weight) dw.narrow(0, c0, k).copy_(dw_blk);
   }
@@ -184,26 +206,27 @@ std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
     const int64_t r = std::min(R, B - r0);
     const Tensor x_blk = x_hat.narrow(0, r0, r);
     Tensor e = scratch_view(buffer, r, C);
-    at::mm_out(e, x_blk, weight.t());
+    gemm_into(e, x_blk, weight.t());
     float* ep = e.data_ptr<float>();
     at::parallel_for(0, r, 1, [&](int64_t a, int64_t b) {
       for (int64_t ii = a; ii < b; ++ii) {
         const int64_t i = r0 + ii;
         float* row = ep + ii * C;
-        const int64_t t = logits_to_z(row, inv, C, s, lab[i], 0, tgt[i]);
-        const float mx = cpu::row_max(row, C);
-        lse_p[i] = mx + std::log(cpu::row_sum_exp(row, C, mx));
+        const ZRow zr = logits_to_z(row, inv, C, s, lab[i], 0, tgt[i]);
+        const float sum = cpu::exp_in_place_sum(row, C, zr.max);  // row <- exp(z - max)
+        lse_p[i] = zr.max + std::log(sum);
         const float coef = g[i] * s;
         if (coef == 0.0f) {
           std::fill(row, row + C, 0.0f);
           continue;
         }
-        cpu::softmax_grad_columns(row, inv, C, lse_p[i], coef);
+        cpu::scale_columns(row, inv, C, coef / sum);  // row <- coef * p * inv
+        const int64_t t = zr.target_col;
         if (t >= 0) row[t] = (row[t] - coef * inv[t]) * slope[i];
       }
     });
     Tensor dx_blk = dx_hat.narrow(0, r0, r);
-    at::mm_out(dx_blk, e, weight);
+    gemm_into(dx_blk, e, weight);
     dw.addmm_(e.t(), x_blk);
   }
   project_rows(dw, weight, inv);

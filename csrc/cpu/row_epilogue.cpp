@@ -44,15 +44,21 @@ inline float exp_f32(float x) {
 }  // namespace
 
 MK_VECTOR_CLONES
-void scale_columns(float* z, const float* inv, int64_t n, float scale) {
-  for (int64_t j = 0; j < n; ++j) z[j] = scale * z[j] * inv[j];
+float scale_columns_max(float* z, const float* inv, int64_t n, float scale) {
+  float m = -3.402823466e+38f;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    z[j] = scale * z[j] * inv[j];
+    m = z[j] > m ? z[j] : m;
+  }
+  return m;
 }
 
 MK_VECTOR_CLONES
 float row_max(const float* z, int64_t n) {
   float m = z[0];
 #pragma omp simd reduction(max : m)
-  for (int64_t j = 1; j < n; ++j) m = std::fmax(m, z[j]);
+  for (int64_t j = 1; j < n; ++j) m = z[j] > m ? z[j] : m;
   return m;
 }
 
@@ -65,9 +71,26 @@ float row_sum_exp(const float* z, int64_t n, float shift) {
 }
 
 MK_VECTOR_CLONES
-void softmax_grad_columns(float* z, const float* inv, int64_t n, float shift,
-                          float coef) {
-  for (int64_t j = 0; j < n; ++j) z[j] = coef * exp_f32(z[j] - shift) * inv[j];
+float exp_in_place_sum(float* z, int64_t n, float shift) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) {
+    z[j] = exp_f32(z[j] - shift);
+    acc += z[j];
+  }
+  return acc;
+}
+
+MK_VECTOR_CLONES
+void scale_columns(float* z, const float* inv, int64_t n, float coef) {
+  for (int64_t j = 0; j < n; ++j) z[j] = coef * z[j] * inv[j];
+}
+
+MK_VECTOR_CLONES
+void softmax_grad_from_logits(float* l, const float* inv, int64_t n, float scale,
+                              float shift, float coef) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) l[j] = coef * exp_f32(scale * l[j] * inv[j] - shift) * inv[j];
 }
 
 MK_VECTOR_CLONES

@@ -6,8 +6,8 @@
 
 namespace margin_kernels::cpu {
 
-// z_j <- scale * z_j * inv_j, in place.
-void scale_columns(float* z, const float* inv, int64_t n, float scale);
+// z_j <- scale * z_j * inv_j, in place; returns max_j z_j (n >= 1).
+float scale_columns_max(float* z, const float* inv, int64_t n, float scale);
 
 // max_j z_j (n >= 1).
 float row_max(const float* z, int64_t n);
@@ -15,10 +15,17 @@ float row_max(const float* z, int64_t n);
 // sum_j exp(z_j - shift).
 float row_sum_exp(const float* z, int64_t n, float shift);
 
-// z_j <- coef * exp(z_j - shift) * inv_j, in place: d(loss)/d(cos_j) before the
-// target column's correction, with 1/||w_j|| folded in for the weight GEMMs.
-void softmax_grad_columns(float* z, const float* inv, int64_t n, float shift,
-                          float coef);
+// z_j <- exp(z_j - shift), in place; returns the sum.
+float exp_in_place_sum(float* z, int64_t n, float shift);
+
+// z_j <- coef * z_j * inv_j, in place.
+void scale_columns(float* z, const float* inv, int64_t n, float coef);
+
+// l_j <- coef * exp(scale * l_j * inv_j - shift) * inv_j, in place: from raw
+// logits straight to d(loss)/d(cos_j) (before the target column's correction),
+// with 1/||w_j|| folded in for the weight GEMMs.
+void softmax_grad_from_logits(float* l, const float* inv, int64_t n, float scale,
+                              float shift, float coef);
 
 // y <- y - a * x (length n); and the dot product of two rows.
 void sub_scaled(float* y, const float* x, float a, int64_t n);

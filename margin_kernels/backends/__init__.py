@@ -18,14 +18,16 @@ the single-shard shortcut that sweeps row chunks over all classes.
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 import torch
 
 BACKENDS = ("reference", "cpp", "triton")
 
-# Bytes of scratch (logits blocks and per-block copies) a sweep may hold.
-DEFAULT_WORKSPACE_BYTES = 64 * 2**20
+# Bytes of scratch (logits blocks and per-block copies) a sweep may hold;
+# overridable per call (workspace_bytes=) or per process (MARGIN_KERNELS_WORKSPACE_MB).
+DEFAULT_WORKSPACE_BYTES = int(float(os.environ.get("MARGIN_KERNELS_WORKSPACE_MB", "64")) * 2**20)
 
 
 _loaded: dict[str, ModuleType] = {}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs margin_kernels (editable, C++ extension built against the torch that
+# is already there) and what its tests and benchmarks need.
+#
+#   bash scripts/install.sh          # library + test dependencies
+#   bash scripts/install.sh demo     # ... + scikit-learn and matplotlib (demo, plots)
+#
+# torch is installed only when none is importable, and then as torch==2.13.0
+# (the CPU wheel on the project's machines); an existing torch, CPU or CUDA, is
+# never replaced.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+PIP=("$PY" -m pip install --quiet --disable-pip-version-check)
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "install.sh: no torch found; installing torch==2.13.0" >&2
+  "${PIP[@]}" torch==2.13.0
+fi
+"${PIP[@]}" numpy pytest pybind11 ninja setuptools wheel
+"$PY" -c "import triton" 2>/dev/null || "${PIP[@]}" triton
+if [[ "${1:-}" == "demo" ]]; then
+  "${PIP[@]}" scikit-learn matplotlib
+fi
+echo "install.sh: building margin_kernels._C ..." >&2
+"${PIP[@]}" --no-build-isolation -e .
+"$PY" -c "import margin_kernels, margin_kernels.backends as b; print('margin_kernels', margin_kernels.__version__, '| cpp backend:', b.is_available('cpp'))"
