@@ -110,7 +110,7 @@ def margin_cross_entropy(
     workspace = backends.DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)
     kernels = backends.load(name)
 
-    if _can_fuse(kernels, weight, reduction, compiling):
+    if _can_fuse(kernels, weight, reduction, compiling, labels.shape[0], workspace):
         labels_local = torch.where(valid, labels, torch.full_like(labels, -1)).long()
         row_scale = valid.float()
         if reduction == "mean":
@@ -129,16 +129,17 @@ def margin_cross_entropy(
     return (loss, lse) if return_lse else loss
 
 
-def _can_fuse(kernels, weight: Tensor, reduction: str, compiling: bool) -> bool:
-    """The row-chunked single-pass shortcut: eager, reduced, weight gradient wanted."""
+def _can_fuse(kernels, weight: Tensor, reduction: str, compiling: bool, batch: int, workspace: int) -> bool:
+    """The row-chunked single-pass shortcut: eager, reduced, weight gradient
+    wanted, and a backend that finds it faster at this size."""
     return (
         not compiling
         and reduction in ("mean", "sum")
         and torch.is_grad_enabled()
         and weight.requires_grad
         and weight.is_contiguous()
-        and hasattr(kernels, "fused_forward_backward")
-        and kernels.supports_fused(weight)
+        and hasattr(kernels, "prefers_fused")
+        and kernels.prefers_fused(weight, batch, workspace)
     )
 
 

@@ -4,6 +4,7 @@ import torch
 
 import margin_kernels as mk
 from margin_kernels import functional
+from margin_kernels.backends import cpp as cpp_backend
 
 from conftest import ALL_MARGINS, loss_and_grads, make_problem, rel_err, requires_cpp
 
@@ -23,7 +24,19 @@ def path(request, monkeypatch):
     """Run each check through the single-pass shortcut and through the contract path."""
     if request.param == "blocked":
         monkeypatch.setattr(functional, "_can_fuse", lambda *a, **k: False)
+    else:  # take the shortcut whenever it applies, however small the row chunks
+        monkeypatch.setattr(cpp_backend, "MIN_FUSED_ROWS", 1)
     return request.param
+
+
+@pytest.mark.parametrize("reduction, expect_fused", [("mean", True), ("sum", True), ("none", False)])
+def test_path_fixture_reaches_the_kernel_it_names(reduction, expect_fused, path, monkeypatch):
+    calls = []
+    real = cpp_backend.fused_forward_backward
+    monkeypatch.setattr(cpp_backend, "fused_forward_backward", lambda *a: calls.append(1) or real(*a))
+    x, w, y = make_problem(9, 8, 50)
+    loss_and_grads(x, w, y, mk.ArcFace(), backend="cpp", reduction=reduction, workspace_bytes=SMALL_WORKSPACE)
+    assert bool(calls) == (expect_fused and path == "fused")
 
 
 def compare(x, w, y, margin, tol=FP32_TOL, half_tol=None, **kwargs):
