@@ -23,5 +23,5 @@ if [[ "${1:-}" == "demo" ]]; then
   "${PIP[@]}" scikit-learn matplotlib
 fi
 echo "install.sh: building margin_kernels._C ..." >&2
-"${PIP[@]}" --no-build-isolation -e .
+"${PIP[@]}" --no-build-isolation --use-pep517 -e .
 "$PY" -c "import margin_kernels, margin_kernels.backends as b; print('margin_kernels', margin_kernels.__version__, '| cpp backend:', b.is_available('cpp'))"
