@@ -30,6 +30,7 @@ BACKENDS = ("reference", "cpp", "triton")
 DEFAULT_WORKSPACE_BYTES = int(float(os.environ.get("MARGIN_KERNELS_WORKSPACE_MB", "64")) * 2**20)
 
 
+_MODULES = {"cpp": "cpp", "triton": "triton_backend"}
 _loaded: dict[str, ModuleType] = {}
 
 
@@ -39,7 +40,7 @@ def load(name: str) -> ModuleType:
         raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
     module = _loaded.get(name)
     if module is None:  # first use, in eager mode: torch.compile cannot trace imports
-        module = _loaded[name] = importlib.import_module(f"{__name__}.{name}")
+        module = _loaded[name] = importlib.import_module(f"{__name__}.{_MODULES[name]}")
     reason = module.unavailable_reason()
     if reason:
         raise RuntimeError(f"backend={name!r} is unavailable: {reason}")

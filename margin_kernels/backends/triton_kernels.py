@@ -1,0 +1,190 @@
+"""Triton kernels of the margin loss: a fused forward (GEMM tile + margin + online
+logsumexp per class split), a fused backward (recomputed tile -> dz -> dx and dW
+through fp32 atomics), and the small row-norm / projection kernels.
+
+Every kernel reads class rows through an optional ``class_index`` so that a
+sampled subset of W is used without copying it. Under ``TRITON_INTERPRET=1``
+(CPU tests) operands are upcast to fp32 before ``tl.dot`` (the interpreter's
+bf16 dot is wrong) and a single configuration is used.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    if INTERPRET:  # the interpreter pays per block op: few, large tiles
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]
+    if kind == "bwd":  # the backward holds two accumulators per D chunk: smaller tiles
+        shapes = [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 2)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+        for m, n, k, w, s in shapes
+    ]
+
+
+@triton.jit
+def _logits_tile(X, W, rows, row_ok, w_rows, col_ok, D, stride_x, stride_w,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """x_hat[rows] . W[w_rows]^T for one tile, accumulated in fp32."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        a = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        else:
+            a = a.to(b.dtype)
+        if IEEE:
+            acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+        else:
+            acc += tl.dot(a, tl.trans(b))
+    return acc
+
+
+@triton.jit
+def _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N: tl.constexpr, HAS_INDEX: tl.constexpr):
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < C
+    if HAS_INDEX:
+        w_rows = tl.load(CLASS_INDEX + cols, mask=col_ok, other=0)
+    else:
+        w_rows = cols
+    return cols, col_ok, w_rows
+
+
+@triton.autotune(configs=_configs("fwd"), key=["B", "C", "D"])
+@triton.jit
+def lse_forward_kernel(
+    X, W, W_INV, LABELS, TARGET, CLASS_INDEX, PART_MAX, PART_SUM,
+    B, C, D, stride_x, stride_w, scale,
+    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (row tile, class split): running max / sum-exp of its class tiles,
+    written as one partial per (split, row); the host combines splits."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    label = tl.load(LABELS + rows, mask=row_ok, other=-1)
+    target = tl.load(TARGET + rows, mask=row_ok, other=0.0)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    tiles = tl.cdiv(C, BLOCK_N)
+    per_split = tl.cdiv(tiles, n_splits)
+    for t in range(pid_s * per_split, tl.minimum((pid_s + 1) * per_split, tiles)):
+        cols, col_ok, w_rows = _tile_columns(t, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
+        acc = _logits_tile(X, W, rows, row_ok, w_rows, col_ok, D, stride_x, stride_w,
+                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+        inv = tl.load(W_INV + cols, mask=col_ok, other=0.0)
+        z = acc * (inv * scale)[None, :]
+        z = tl.where(cols[None, :] == label[:, None], target[:, None], z)
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_i = m_new
+    tl.store(PART_MAX + pid_s * B + rows, m_i, mask=row_ok)
+    tl.store(PART_SUM + pid_s * B + rows, l_i, mask=row_ok)
+
+
+@triton.autotune(configs=_configs("bwd"), key=["B", "C", "D"], reset_to_zero=["DX", "DW"])
+@triton.jit
+def lse_backward_kernel(
+    X, W, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, CLASS_INDEX, DX, DW,
+    B, C, D, stride_x, stride_w, scale,
+    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (row tile, class tile): recompute the logits, form
+    e = g s (p - onehot) * slope_at_target / ||w||, then add e . W into dx and
+    e^T . x_hat into dW (both fp32, through atomics, D chunk by chunk)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    cols, col_ok, w_rows = _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
+    label = tl.load(LABELS + rows, mask=row_ok, other=-1)
+    target = tl.load(TARGET + rows, mask=row_ok, other=0.0)
+    slope = tl.load(SLOPE + rows, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    coef = tl.load(GRAD + rows, mask=row_ok, other=0.0) * scale
+
+    acc = _logits_tile(X, W, rows, row_ok, w_rows, col_ok, D, stride_x, stride_w,
+                       BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+    inv = tl.load(W_INV + cols, mask=col_ok, other=0.0)
+    is_target = cols[None, :] == label[:, None]
+    z = tl.where(is_target, target[:, None], acc * (inv * scale)[None, :])
+    p = tl.exp(z - lse[:, None])
+    e = coef[:, None] * tl.where(is_target, (p - 1.0) * slope[:, None], p)
+    e = tl.where(row_ok[:, None] & col_ok[None, :], e * inv[None, :], 0.0)
+
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        w_blk = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        x_blk = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        if UPCAST:
+            w_blk = w_blk.to(tl.float32)
+            x_blk = x_blk.to(tl.float32)
+            e_op = e
+        else:
+            e_op = e.to(w_blk.dtype)
+            x_blk = x_blk.to(w_blk.dtype)
+        if IEEE:
+            dx = tl.dot(e_op, w_blk, input_precision="ieee")
+            dw = tl.dot(tl.trans(e_op), x_blk, input_precision="ieee")
+        else:
+            dx = tl.dot(e_op, w_blk)
+            dw = tl.dot(tl.trans(e_op), x_blk)
+        tl.atomic_add(DX + rows[:, None] * D + ks[None, :], dx, mask=row_ok[:, None] & k_ok[None, :])
+        tl.atomic_add(DW + cols[:, None] * D + ks[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def row_inv_norm_kernel(W, CLASS_INDEX, OUT, C, D, stride_w, eps,
+                        HAS_INDEX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """OUT[j] = 1 / max(||W[index[j]]||, eps) in fp32."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok = rows < C
+    if HAS_INDEX:
+        w_rows = tl.load(CLASS_INDEX + rows, mask=ok, other=0)
+    else:
+        w_rows = rows
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        v = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=ok[:, None] & (ks < D)[None, :], other=0.0)
+        v = v.to(tl.float32)
+        acc += tl.sum(v * v, axis=1)
+    tl.store(OUT + rows, 1.0 / tl.maximum(tl.sqrt(acc), eps), mask=ok)
+
+
+@triton.jit
+def project_rows_kernel(G, W, W_INV, CLASS_INDEX, OUT, C, D, stride_w,
+                        HAS_INDEX: tl.constexpr, BLOCK_D: tl.constexpr):
+    """OUT[j] = G[j] - w_j inv_j^2 (w_j . G[j]), cast to OUT's dtype: d/dw from
+    G = inv_j d/d(w_hat_j). One program per class row; BLOCK_D >= D."""
+    j = tl.program_id(0)
+    ks = tl.arange(0, BLOCK_D)
+    k_ok = ks < D
+    if HAS_INDEX:
+        w_row = tl.load(CLASS_INDEX + j)
+    else:
+        w_row = j
+    g = tl.load(G + j * D + ks, mask=k_ok, other=0.0)
+    w = tl.load(W + w_row * stride_w + ks, mask=k_ok, other=0.0).to(tl.float32)
+    inv = tl.load(W_INV + j)
+    out = g - w * (inv * inv * tl.sum(w * g, axis=0))
+    tl.store(OUT + j * D + ks, out.to(OUT.dtype.element_ty), mask=k_ok)

@@ -1,0 +1,104 @@
+"""The Triton backend against the reference. Without a GPU the kernels run under
+TRITON_INTERPRET=1 on CPU tensors (set in conftest.py); on a CUDA machine the same
+tests run on the GPU."""
+import pytest
+import torch
+
+import margin_kernels as mk
+from margin_kernels import backends
+
+from conftest import ALL_MARGINS, loss_and_grads, make_problem, rel_err
+
+pytestmark = pytest.mark.skipif(not backends.is_available("triton"), reason="triton backend unavailable")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+FP32_TOL = 1e-5
+# bf16/fp16 on a GPU: tensor-core operands in the input dtype (x_hat rounded to
+# it), fp32 accumulation. Under the interpreter operands are upcast to fp32.
+HALF_TOL = {"loss": 1e-2 if ON_GPU else 1e-5, "grad": 3e-2 if ON_GPU else 1e-2}
+SHAPE = (37, 72, 1000)  # odd: no dimension a multiple of any block
+
+
+def compare(x, w, y, margin, tol=FP32_TOL, half=False, **kwargs):
+    ref = loss_and_grads(x.float(), w.float(), y, margin, backend="reference", **kwargs)
+    dev = [t.to(DEVICE) for t in (x, w, y)]
+    got = [t.cpu() for t in loss_and_grads(*dev, margin, backend="triton", **kwargs)]
+    assert got[1].dtype == x.dtype and got[2].dtype == w.dtype
+    tols = (HALF_TOL["loss"], HALF_TOL["grad"], HALF_TOL["grad"]) if half else (tol, tol, tol)
+    for name, a, b, t in zip(("loss", "dx", "dW"), got, ref, tols):
+        assert torch.isfinite(a).all(), name
+        assert rel_err(a, b) <= t, f"{name}: rel err {rel_err(a, b):.2e} > {t}"
+
+
+@pytest.mark.parametrize("name", list(ALL_MARGINS))
+def test_every_margin(name):
+    x, w, y = make_problem(*SHAPE, ignore=(4, 20))
+    compare(x, w, y, ALL_MARGINS[name], reduction="mean")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions(reduction):
+    x, w, y = make_problem(*SHAPE, ignore=(0,), seed=1)
+    compare(x, w, y, mk.CombinedMargin(m1=1.2, m2=0.3, m3=0.1), reduction=reduction)
+
+
+@pytest.mark.parametrize("b, d, c", [(1, 3, 1), (5, 17, 130), (70, 130, 257)])
+def test_odd_shapes(b, d, c):
+    x, w, y = make_problem(b, d, c, seed=b + c)
+    compare(x, w, y, mk.ArcFace())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype):
+    x, w, y = make_problem(*SHAPE, dtype=dtype, ignore=(1,), seed=2)
+    compare(x, w, y, mk.ArcFace(), half=True)
+
+
+def test_all_ignored_rows_give_zero():
+    x, w, y = make_problem(6, 8, 50, ignore=range(6))
+    loss, dx, dw = loss_and_grads(*(t.to(DEVICE) for t in (x, w, y)), mk.ArcFace(), backend="triton")
+    assert loss.item() == 0 and torch.all(dx == 0) and torch.all(dw == 0)
+
+
+def test_index_gather_reads_and_writes_only_the_sampled_rows():
+    """class_index: the kernels read W[index] in place and write dW for those rows."""
+    from margin_kernels.backends import triton_backend as tb
+    from margin_kernels.margins import target_logit
+
+    torch.manual_seed(3)
+    b, d, c, k = 29, 40, 600, 211
+    x, w, y = make_problem(b, d, c, seed=3)
+    others = torch.randperm(c)
+    others = others[~torch.isin(others, y)][: k - y.unique().numel()]
+    index = torch.cat([y.unique(), others]).sort().values  # every label, plus negatives
+    labels_local = torch.searchsorted(index, y)
+    x_hat = torch.nn.functional.normalize(x)
+    w_sub = w[index]
+    cos_y = (x_hat * torch.nn.functional.normalize(w_sub)[labels_local]).sum(1)
+    t, slope = target_logit(cos_y, mk.ArcFace().row_margins(b))
+    target = 64.0 * t
+    dev = lambda v: v.to(DEVICE)  # noqa: E731
+    w_inv = tb.row_inv_norms(dev(w), class_index=dev(index))
+    lse = tb.lse_forward(dev(x_hat), dev(w), w_inv, dev(labels_local), dev(target), 64.0, 2**26, class_index=dev(index))
+    g = torch.rand(b)
+    dx, dw = tb.lse_backward(dev(x_hat), dev(w), w_inv, dev(labels_local), dev(target), dev(slope), 64.0, lse, dev(g),
+                             2**26, class_index=dev(index))
+    assert dw.shape == (k, d)
+    # The same on a copy of the sampled rows, without an index.
+    w_inv2 = tb.row_inv_norms(dev(w_sub))
+    lse2 = tb.lse_forward(dev(x_hat), dev(w_sub), w_inv2, dev(labels_local), dev(target), 64.0, 2**26)
+    dx2, dw2 = tb.lse_backward(dev(x_hat), dev(w_sub), w_inv2, dev(labels_local), dev(target), dev(slope), 64.0,
+                               lse2, dev(g), 2**26)
+    for a, b_ in ((lse, lse2), (dx, dx2), (dw, dw2)):
+        assert rel_err(a.cpu(), b_.cpu()) < 1e-6
+    # ... and against the reference on the sampled classes.
+    from margin_kernels import reference
+
+    xr = x.clone().requires_grad_(True)
+    wr = w_sub.clone().requires_grad_(True)
+    rows, lse_ref = reference.margin_cross_entropy(xr, wr, labels_local, mk.ArcFace().row_margins(b), s=64.0,
+                                                   reduction="none")
+    (rows * g).sum().backward()
+    assert rel_err(lse.cpu(), lse_ref) < FP32_TOL
+    assert rel_err(dw.cpu(), wr.grad) < FP32_TOL
