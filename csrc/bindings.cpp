@@ -21,20 +21,22 @@ void check_layout(const at::Tensor& x_hat, const at::Tensor& weight,
 
 at::Tensor lse_forward(const at::Tensor& x_hat, const at::Tensor& weight,
                        const at::Tensor& w_inv, const at::Tensor& labels_local,
-                       const at::Tensor& target_logit, double scale, int64_t block_classes) {
+                       const at::Tensor& target_logit, double scale, int64_t block_classes,
+                       const c10::optional<at::Tensor>& class_index) {
   check_layout(x_hat, weight, labels_local);
   return margin_kernels::lse_forward(x_hat, weight, w_inv, labels_local, target_logit,
-                                     scale, block_classes);
+                                     scale, block_classes, class_index);
 }
 
 std::tuple<at::Tensor, at::Tensor> lse_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& target_logit,
     const at::Tensor& target_slope, const at::Tensor& lse, const at::Tensor& grad_rows,
-    double scale, int64_t block_classes) {
+    double scale, int64_t block_classes, const c10::optional<at::Tensor>& class_index) {
   check_layout(x_hat, weight, labels_local);
   return margin_kernels::lse_backward(x_hat, weight, w_inv, labels_local, target_logit,
-                                      target_slope, lse, grad_rows, scale, block_classes);
+                                      target_slope, lse, grad_rows, scale, block_classes,
+                                      class_index);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
@@ -53,8 +55,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "margin_kernels C++ kernels (kernel contract of DESIGN.md section 2)";
   m.def("row_inv_norms", &margin_kernels::row_inv_norms, "1/max(||w_j||, eps) per row");
-  m.def("lse_forward", &lse_forward, "class-blocked forward: per-row logsumexp");
-  m.def("lse_backward", &lse_backward, "class-blocked backward: (dx_hat, dW)");
+  m.def("lse_forward", &lse_forward, "class-blocked forward: per-row logsumexp",
+        py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),
+        py::arg("target_logit"), py::arg("scale"), py::arg("block_classes"),
+        py::arg("class_index") = py::none());
+  m.def("lse_backward", &lse_backward, "class-blocked backward: (dx_hat, dW)",
+        py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),
+        py::arg("target_logit"), py::arg("target_slope"), py::arg("lse"), py::arg("grad_rows"),
+        py::arg("scale"), py::arg("block_classes"), py::arg("class_index") = py::none());
   m.def("fused_forward_backward", &fused_forward_backward,
         "row-chunked single-shard sweep: (lse, dx_hat, dW) in three GEMMs");
 }

@@ -12,13 +12,18 @@ namespace margin_kernels {
 // 1 / max(||w_j||, eps) per row of `weight`, accumulated in float32.
 at::Tensor row_inv_norms(const at::Tensor& weight, double eps);
 
+// `class_index` (optional, int64 [K]): the shard's classes are the rows
+// weight[class_index]; per-class inputs (w_inv) and outputs (dW) then have K
+// rows, and labels_local count positions in the index.
+//
 // Sweeps class blocks of `block_classes` and returns the shard's logsumexp per
 // row. Column `labels_local[i]` (when >= 0) takes `target_logit[i]` instead of
 // s * cos. Never holds more than B x block_classes logits.
 at::Tensor lse_forward(const at::Tensor& x_hat, const at::Tensor& weight,
                        const at::Tensor& w_inv, const at::Tensor& labels_local,
                        const at::Tensor& target_logit, double scale,
-                       int64_t block_classes);
+                       int64_t block_classes,
+                       const c10::optional<at::Tensor>& class_index);
 
 // Recomputes each class block and returns (dx_hat float32 [B, D], dW [C, D] in
 // weight's dtype), for row weights `grad_rows` and the global `lse`.
@@ -26,7 +31,8 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& target_logit,
     const at::Tensor& target_slope, const at::Tensor& lse,
-    const at::Tensor& grad_rows, double scale, int64_t block_classes);
+    const at::Tensor& grad_rows, double scale, int64_t block_classes,
+    const c10::optional<at::Tensor>& class_index);
 
 // Single-shard shortcut: sweeps chunks of `block_rows` rows over all classes and
 // returns (lse, dx_hat, dW) for row weights `grad_rows` in one pass of three

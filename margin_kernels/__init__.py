@@ -4,6 +4,7 @@ import torch  # noqa: F401  (before _C, whose symbols live in libtorch)
 
 from . import nn
 from .functional import draw_margins, margin_cross_entropy
+from .partial_fc import PartialFC
 from .margins import (
     ArcFace,
     CombinedMargin,
@@ -26,6 +27,7 @@ __all__ = [
     "ElasticCosFace",
     "Margin",
     "NormSoftmax",
+    "PartialFC",
     "RowMargins",
     "SphereFace",
     "draw_margins",

@@ -429,9 +429,9 @@ def parse_args(argv=None):
     if args.worker:
         return args
     preset = SIZES[args.size]
-    args.batch = args.batch or preset["batch"]
-    args.dim = args.dim or preset["dim"]
-    args.classes = args.classes or preset["classes"]
+    for name in ("batch", "dim", "classes"):
+        if getattr(args, name) is None:
+            setattr(args, name, preset[name])
     for name in ("batch", "dim", "repeat"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")

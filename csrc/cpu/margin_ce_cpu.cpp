@@ -19,10 +19,19 @@ Tensor scratch_view(const Tensor& buffer, int64_t rows, int64_t cols) {
   return buffer.view({-1}).narrow(0, 0, rows * cols).view({rows, cols});
 }
 
-// The float32 rows [start, start + n) of `weight`, copied only when not float32.
-Tensor float_block(const Tensor& weight, int64_t start, int64_t n) {
-  Tensor block = weight.narrow(0, start, n);
+// The float32 class rows [start, start + n) of the shard: rows of `weight`, or
+// rows weight[class_index[start:start+n]] when an index is given (a copy of
+// one block only). Copied only when gathered or not float32.
+Tensor float_block(const Tensor& weight, const c10::optional<Tensor>& class_index,
+                   int64_t start, int64_t n) {
+  Tensor block = class_index.has_value()
+                     ? weight.index_select(0, class_index->narrow(0, start, n))
+                     : weight.narrow(0, start, n);
   return block.scalar_type() == at::kFloat ? block : block.to(at::kFloat);
+}
+
+int64_t shard_classes(const Tensor& weight, const c10::optional<Tensor>& class_index) {
+  return class_index.has_value() ? class_index->size(0) : weight.size(0);
 }
 
 // Replacing the target column can lower a row's max; a stale max is a valid
@@ -96,12 +105,14 @@ Tensor row_inv_norms(const Tensor& weight, double eps) {
 
 Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
                    const Tensor& labels_local, const Tensor& target_logit,
-                   double scale, int64_t block_classes) {
-  const int64_t B = x_hat.size(0), C = weight.size(0);
+                   double scale, int64_t block_classes,
+                   const c10::optional<Tensor>& class_index) {
+  const int64_t B = x_hat.size(0), C = shard_classes(weight, class_index);
   const int64_t K = std::min(std::max<int64_t>(block_classes, 1), C);
   Tensor row_max = at::full({B}, -std::numeric_limits<float>::infinity(), x_hat.options());
   Tensor row_sum = at::zeros({B}, x_hat.options());
   if (B == 0) return row_max;
+  if (C == 0) return row_max;
   Tensor buffer = at::empty({B, K}, x_hat.options());
   float* m = row_max.data_ptr<float>();
   float* l = row_sum.data_ptr<float>();
@@ -113,7 +124,7 @@ Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_in
   for (int64_t c0 = 0; c0 < C; c0 += K) {
     const int64_t k = std::min(K, C - c0);
     Tensor z = scratch_view(buffer, B, k);
-    gemm_into(z, x_hat, float_block(weight, c0, k).t());
+    gemm_into(z, x_hat, float_block(weight, class_index, c0, k).t());
     float* zp = z.data_ptr<float>();
     at::parallel_for(0, B, grain_for(k), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
@@ -132,12 +143,12 @@ std::tuple<Tensor, Tensor> lse_backward(
     const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
     const Tensor& labels_local, const Tensor& target_logit,
     const Tensor& target_slope, const Tensor& lse, const Tensor& grad_rows,
-    double scale, int64_t block_classes) {
-  const int64_t B = x_hat.size(0), C = weight.size(0), D = weight.size(1);
-  const int64_t K = std::min(std::max<int64_t>(block_classes, 1), C);
+    double scale, int64_t block_classes, const c10::optional<Tensor>& class_index) {
+  const int64_t B = x_hat.size(0), C = shard_classes(weight, class_index), D = weight.size(1);
+  const int64_t K = std::min(std::max<int64_t>(block_classes, 1), std::max<int64_t>(C, 1));
   Tensor dx_hat = at::zeros({B, D}, x_hat.options());
-  Tensor dw = at::empty_like(weight, at::MemoryFormat::Contiguous);
-  if (B == 0) return {dx_hat, dw.zero_()};
+  Tensor dw = at::empty({C, D}, weight.options());
+  if (B == 0 || C == 0) return {dx_hat, dw.zero_()};
   const bool float_weight = weight.scalar_type() == at::kFloat;
   Tensor buffer = at::empty({B, K}, x_hat.options());
   Tensor dw_buffer = float_weight ? Tensor() : at::empty({K, D}, x_hat.options());
@@ -151,7 +162,7 @@ std::tuple<Tensor, Tensor> lse_backward(
 
   for (int64_t c0 = 0; c0 < C; c0 += K) {
     const int64_t k = std::min(K, C - c0);
-    const Tensor w_blk = float_block(weight, c0, k);
+    const Tensor w_blk = float_block(weight, class_index, c0, k);
     Tensor e = scratch_view(buffer, B, k);
     gemm_into(e, x_hat, w_blk.t());
     float* ep = e.data_ptr<float>();
@@ -173,6 +184,7 @@ std::tuple<Tensor, Tensor> lse_backward(
     });
     dx_hat.addmm_(e, w_blk);
     Tensor dw_blk = float_weight ? dw.narrow(0, c0, k) : scratch_view(dw_buffer, k, D);
+    // (w_blk is a float32 copy for gathered or low-precision blocks, a view otherwise)
     gemm_into(dw_blk, e.t(), x_hat);
     project_rows(dw_blk, w_blk, inv + c0);
     if (!float_weight) dw.narrow(0, c0, k).copy_(dw_blk);

@@ -44,22 +44,28 @@ def block_rows(num_classes: int, workspace_bytes: int) -> int:
     return max(1, workspace_bytes // (FLOAT_BYTES * max(num_classes, 1)))
 
 
-def row_inv_norms(weight: Tensor) -> Tensor:
+def row_inv_norms(weight: Tensor, class_index: Tensor | None = None) -> Tensor:
     _check_device(weight)
-    return _C.row_inv_norms(weight.contiguous(), NORM_EPS)
+    inv = _C.row_inv_norms(weight.contiguous(), NORM_EPS)
+    return inv if class_index is None else inv.index_select(0, class_index)
 
 
-def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_bytes):
+def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_bytes, class_index=None):
     _check_device(x_hat)
-    k = block_classes(x_hat.shape[0], x_hat.shape[1], weight.dtype, workspace_bytes)
-    return _C.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, float(s), k)
+    # A gathered block is copied to float32 whatever the weight dtype: budget for it.
+    dtype = torch.float16 if class_index is not None else weight.dtype
+    k = block_classes(x_hat.shape[0], x_hat.shape[1], dtype, workspace_bytes)
+    return _C.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, float(s), k, class_index)
 
 
-def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, s, lse, grad_rows, workspace_bytes):
+def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, s, lse, grad_rows, workspace_bytes,
+                 class_index=None):
     _check_device(x_hat)
-    k = block_classes(x_hat.shape[0], x_hat.shape[1], weight.dtype, workspace_bytes)
+    dtype = torch.float16 if class_index is not None else weight.dtype
+    k = block_classes(x_hat.shape[0], x_hat.shape[1], dtype, workspace_bytes)
     return _C.lse_backward(
-        x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse, grad_rows.float().contiguous(), float(s), k
+        x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse, grad_rows.float().contiguous(), float(s), k,
+        class_index,
     )
 
 

@@ -1,0 +1,335 @@
+"""PartialFC: the class matrix sharded over the ranks of a process group
+(DESIGN.md §3), with optional sampled negatives.
+
+Rank r owns the contiguous block of classes [start_r, start_r + num_local_r),
+num_local_r = C // W + (r < C % W). A step:
+
+1. all-gather the ranks' embeddings (any sizes, zero included) and labels;
+2. all-reduce the target cosines (each row's owner knows its class) so that
+   every rank computes the same margins and target logits;
+3. run the fused kernel forward over the local (sampled) classes: a partial
+   logsumexp per row; combine them with two all-reduces (MAX, then SUM);
+4. backward: the kernel backward with the global lse gives dW for the local
+   classes and this rank's share of dx_hat for every row; the shares are summed
+   over ranks and each rank keeps its own rows.
+
+Without an initialized process group the module is the one-rank case of the
+same code.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import backends, reference
+from ._checks import FUSED_DTYPES, check_values
+from .margins import CombinedMargin, Margin, RowMargins, target_logit
+
+__all__ = ["PartialFC", "class_split"]
+
+
+def class_split(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """(start, count) of rank's contiguous class block (insightface's split)."""
+    base, extra = divmod(num_classes, world_size)
+    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+class _Group:
+    """The process group, or a stand-in for a single process."""
+
+    def __init__(self, group: Any) -> None:
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.group = group
+        self.rank = dist.get_rank(group) if self.distributed else 0
+        self.size = dist.get_world_size(group) if self.distributed else 1
+
+    def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def broadcast(self, t: Tensor, src_rank: int = 0) -> Tensor:
+        if self.distributed:
+            dist.broadcast(t, dist.get_global_rank(self.group, src_rank) if self.group else src_rank, group=self.group)
+        return t
+
+    def all_gather_rows(self, t: Tensor, sizes: list[int], dst: int | None = None) -> Tensor | None:
+        """Concatenate every rank's rows (rank order), sizes[r] rows from rank r:
+        on every rank, or only on rank ``dst`` (None elsewhere)."""
+        if not self.distributed:
+            return t
+        padded = torch.zeros((max(sizes),) + t.shape[1:], dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t
+        if dst is None:
+            parts = [torch.empty_like(padded) for _ in range(self.size)]
+            dist.all_gather(parts, padded, group=self.group)
+        else:
+            parts = [torch.empty_like(padded) for _ in range(self.size)] if self.rank == dst else None
+            dist.gather(padded, parts, dst=dist.get_global_rank(self.group, dst) if self.group else dst,
+                        group=self.group)
+            if parts is None:
+                return None
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather with autograd: backward sums every rank's share of the gradient
+    of the gathered rows and keeps this rank's rows (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: _Group, sizes: list[int]) -> Tensor:
+        ctx.group, ctx.sizes = group, sizes
+        return group.all_gather_rows(x, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = ctx.group.all_reduce(grad.contiguous().clone())
+        start = sum(ctx.sizes[: ctx.group.rank])
+        return grad[start : start + ctx.sizes[ctx.group.rank]], None, None
+
+
+class _ShardedMarginLoss(torch.autograd.Function):
+    """Mean loss over the global batch, from this rank's (sampled) classes."""
+
+    @staticmethod
+    def forward(ctx, x_hat, weight, labels_local, target, slope, valid, class_index, s, kernels, group, workspace):
+        w_inv = kernels.row_inv_norms(weight, class_index=class_index)
+        lse_local = kernels.lse_forward(x_hat, weight, w_inv, labels_local, target, s, workspace, class_index=class_index)
+        row_max = group.all_reduce(lse_local.clone(), "max")
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        total = group.all_reduce(torch.exp(lse_local - row_max))
+        lse = row_max + total.log()
+        count = valid.sum().clamp_min(1).float()
+        loss = torch.where(valid, lse - target, torch.zeros_like(lse)).sum() / count
+        ctx.save_for_backward(x_hat, weight, w_inv, labels_local, target, slope, lse, valid, class_index)
+        ctx.s, ctx.kernels, ctx.workspace, ctx.count = s, kernels, workspace, count
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        x_hat, weight, w_inv, labels_local, target, slope, lse, valid, class_index = ctx.saved_tensors
+        g = torch.where(valid, grad_loss / ctx.count, torch.zeros_like(lse))
+        dx_hat, dw = ctx.kernels.lse_backward(
+            x_hat, weight, w_inv, labels_local, target, slope, ctx.s, lse, g, ctx.workspace, class_index=class_index
+        )
+        if class_index is not None:  # rows outside the sample get a zero gradient
+            dw = torch.zeros_like(weight).index_copy_(0, class_index, dw)
+        return dx_hat, dw, None, None, None, None, None, None, None, None, None
+
+
+class PartialFC(nn.Module):
+    """Margin-softmax classifier whose classes are sharded over a process group.
+
+    Args:
+        embedding_size: D.
+        num_classes: C, over all ranks.
+        margin: a margin spec (``ArcFace()``, ``CombinedMargin(...)``...).
+        sample_rate: keep every positive class of the global batch and fill with
+            uniformly drawn negatives up to ceil(sample_rate * C_local) per rank.
+        process_group: the group the classes are sharded over (default: the
+            default group when initialized, else a single process).
+        dtype, device: of this rank's weight shard, initialized N(0, 0.01).
+        backend: ``"auto"``, ``"cpp"`` or ``"triton"`` (a fused backend).
+        generator: source of the negative samples and elastic margins (on rank 0,
+            which broadcasts the margins).
+        workspace_bytes: scratch budget of the fused kernels.
+
+    ``forward(embeddings, labels)`` takes this rank's rows (any number, zero
+    included) and returns the mean loss over the global batch, the same on every
+    rank. With ``sample_rate < 1`` the gradient of unsampled rows is zero, as in
+    insightface's PartialFC_V2: an optimizer with momentum or weight decay still
+    moves them; ``last_sampled_index`` holds the rows the last step used, for a
+    rows-only update.
+
+    ``state_dict()`` holds the full [C, D] class matrix (gathered from every rank),
+    so a checkpoint saved at one world size loads at any other: each rank takes
+    its own slice. ``full_weight()`` gathers it on rank 0 only, for export.
+    """
+
+    last_sampled_index: Tensor | None
+
+    def __init__(
+        self,
+        embedding_size: int,
+        num_classes: int,
+        margin: Margin,
+        *,
+        sample_rate: float = 1.0,
+        process_group: Any = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        backend: str = "auto",
+        generator: torch.Generator | None = None,
+        workspace_bytes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if embedding_size < 1 or num_classes < 1:
+            raise ValueError(f"embedding_size and num_classes must be >= 1, got {embedding_size} and {num_classes}")
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        if not isinstance(margin, Margin):
+            raise TypeError(f"margin must be a margin_kernels margin spec, got {type(margin).__name__}")
+        if dtype not in FUSED_DTYPES:
+            raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        self._group = _Group(process_group)
+        self.embedding_size, self.num_classes, self.margin = embedding_size, num_classes, margin
+        self.sample_rate, self.backend, self.generator = sample_rate, backend, generator
+        self.workspace_bytes = backends.DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+        self.class_start, self.num_local = class_split(num_classes, self._group.size, self._group.rank)
+        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size), generator=generator)
+                                   .to(dtype=dtype, device=device))
+        self.last_sampled_index = None
+        self.register_load_state_dict_pre_hook(_slice_full_weight)
+
+    # ------------------------------------------------------------------ insightface
+
+    @classmethod
+    def from_insightface(cls, margin_loss: Any, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
+                         fp16: bool = False, **kwargs) -> "PartialFC":
+        """The constructor of insightface's ``PartialFC_V2(margin_loss,
+        embedding_size, num_classes, sample_rate, fp16)``.
+
+        ``margin_loss`` is their ``CombinedMarginLoss`` (anything with ``s``,
+        ``m1``, ``m2``, ``m3``) or one of our specs. Their loss applies only m3 when
+        m3 > 0 and ignores m1; ours applies all three, which is the same for the
+        configurations they ship (ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4)). ``fp16``
+        needs no switch: the kernels take fp32 weights and accumulate in fp32.
+        """
+        if isinstance(margin_loss, Margin):
+            margin = margin_loss
+        else:
+            margin = CombinedMargin(float(margin_loss.s), float(margin_loss.m1), float(margin_loss.m2),
+                                    float(margin_loss.m3))
+        return cls(embedding_size, num_classes, margin, sample_rate=sample_rate, **kwargs)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        group = self._group
+        sizes = self._checked_sizes(embeddings, labels)
+        x = _GatherRows.apply(embeddings, group, sizes)
+        y = group.all_gather_rows(labels.long(), sizes)
+        valid = y >= 0  # -1 and ignore_index-style negatives are ignored rows
+        safe_y = torch.where(valid, y, torch.zeros_like(y))
+
+        x_hat = F.normalize(x.float(), dim=1, eps=reference.NORM_EPS)
+        local = valid & (safe_y >= self.class_start) & (safe_y < self.class_start + self.num_local)
+        rows_local = torch.where(local, safe_y - self.class_start, torch.full_like(y, -1))
+
+        with torch.no_grad():
+            cos_y = torch.zeros(y.shape[0], device=x.device)
+            own = rows_local >= 0
+            if bool(own.any()):
+                w_rows = F.normalize(self.weight[rows_local[own]].float(), dim=1, eps=reference.NORM_EPS)
+                cos_y[own] = (x_hat[own] * w_rows).sum(1)
+            group.all_reduce(cos_y)
+            margins = self._row_margins(cos_y, valid)
+            t, slope = target_logit(cos_y, margins, overflow=self.margin.overflow,
+                                    easy_margin=self.margin.easy_margin, detach_margin=self.margin.detach_margin)
+            target = self.margin.s * t
+
+        class_index, labels_local = None, rows_local
+        if self.sample_rate < 1.0:
+            class_index, labels_local = self._sample(rows_local)
+        self.last_sampled_index = class_index
+        kernels = backends.load(backends.resolve(self.backend, x.device) if self.backend == "auto" else self.backend)
+        loss, _ = _ShardedMarginLoss.apply(
+            x_hat.contiguous(), self.weight, labels_local, target, slope, valid, class_index,
+            float(self.margin.s), kernels, group, self.workspace_bytes,
+        )
+        return loss
+
+    def _checked_sizes(self, embeddings: Tensor, labels: Tensor) -> list[int]:
+        """Validate this rank's input, agree on it with every rank (so a bad input
+        raises everywhere instead of hanging the others), and gather batch sizes."""
+        problem = ""
+        try:
+            if not isinstance(embeddings, Tensor) or not isinstance(labels, Tensor):
+                raise TypeError("embeddings and labels must be tensors")
+            if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+                raise ValueError(f"embeddings must be [B, {self.embedding_size}], got {tuple(embeddings.shape)}")
+            if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
+                raise ValueError(f"labels must be [B] with B = {embeddings.shape[0]}, got {tuple(labels.shape)}")
+            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+                raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+            if embeddings.device != self.weight.device or labels.device != self.weight.device:
+                raise ValueError(f"embeddings and labels must be on the weight's device {self.weight.device}, got "
+                                 f"{embeddings.device} and {labels.device}")
+            if backends.resolve(self.backend, self.weight.device) == "reference":
+                raise ValueError("PartialFC needs a fused backend ('cpp' on CPU, 'triton' on CUDA)")
+            check_values(embeddings, self.weight, labels, ignore_index=-1, num_classes=self.num_classes)
+        except (TypeError, ValueError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        n = embeddings.shape[0] if isinstance(embeddings, Tensor) and embeddings.dim() >= 1 else 0
+        status = torch.tensor([n, 1 if problem else 0], dtype=torch.long, device=self.weight.device)
+        if self._group.distributed:
+            gathered = [torch.empty_like(status) for _ in range(self._group.size)]
+            dist.all_gather(gathered, status, group=self._group.group)
+        else:
+            gathered = [status]
+        bad = [r for r, st in enumerate(gathered) if int(st[1])]
+        if bad:
+            here = f" ({problem})" if problem else ""
+            raise ValueError(f"PartialFC: invalid input on rank(s) {bad}{here}")
+        return [int(st[0]) for st in gathered]
+
+    def _row_margins(self, cos_y: Tensor, valid: Tensor) -> RowMargins:
+        """The same per-row margins on every rank: rank 0 draws, then broadcasts."""
+        m = self.margin.row_margins(cos_y.shape[0], device=cos_y.device, cos_target=cos_y, valid=valid,
+                                    generator=self.generator)
+        packed = self._group.broadcast(torch.stack(list(m)).contiguous())
+        return RowMargins(*packed)
+
+    def _sample(self, rows_local: Tensor) -> tuple[Tensor, Tensor]:
+        """Every positive class of the global batch on this shard, plus uniform
+        negatives up to ceil(sample_rate * C_local); labels become positions."""
+        positives = torch.unique(rows_local[rows_local >= 0])
+        num_sample = max(math.ceil(self.sample_rate * self.num_local), positives.numel())
+        if num_sample > positives.numel():
+            gen_device = self.generator.device if self.generator is not None else "cpu"
+            score = torch.rand(self.num_local, generator=self.generator, device=gen_device).to(rows_local.device)
+            score[positives] = 2.0  # positives first, then the highest random scores
+            index = torch.topk(score, num_sample, sorted=False).indices.sort().values
+        else:
+            index = positives
+        labels_local = torch.where(rows_local >= 0, torch.searchsorted(index, rows_local.clamp_min(0)),
+                                   torch.full_like(rows_local, -1))
+        return index, labels_local
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _gathered_weight(self, dst: int | None = None) -> Tensor | None:
+        sizes = [class_split(self.num_classes, self._group.size, r)[1] for r in range(self._group.size)]
+        return self._group.all_gather_rows(self.weight.detach(), sizes, dst=dst)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # A collective: every rank must call state_dict().
+        destination[prefix + "weight"] = self._gathered_weight()
+
+    def full_weight(self, dst: int = 0) -> Tensor | None:
+        """The full [C, D] class matrix on rank ``dst`` (None elsewhere), for export.
+        A collective: every rank must call it."""
+        if not self._group.distributed:
+            return self.weight.detach().clone()
+        return self._gathered_weight(dst=dst)
+
+    def extra_repr(self) -> str:
+        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
+                f"classes [{self.class_start}, {self.class_start + self.num_local}) on rank {self._group.rank}/"
+                f"{self._group.size}, sample_rate={self.sample_rate}, margin={self.margin}")
+
+
+def _slice_full_weight(module: PartialFC, state_dict, prefix, *args) -> None:
+    """load_state_dict pre-hook: take this rank's slice of the full class matrix."""
+    key = prefix + "weight"
+    if key in state_dict:
+        full = state_dict[key]
+        if tuple(full.shape) != (module.num_classes, module.embedding_size):
+            raise ValueError(f"{key}: expected the full class matrix [{module.num_classes}, {module.embedding_size}], "
+                             f"got {tuple(full.shape)}")
+        state_dict[key] = full[module.class_start : module.class_start + module.num_local]
