@@ -1,15 +1,19 @@
-"""Builds margin_kernels._C from csrc/ (CPU always).
+"""Builds margin_kernels._C from csrc/: the CPU kernels always, the CUDA kernels
+where torch was built with CUDA and nvcc is found.
 
 Install with ``pip install --no-build-isolation -e .`` so the build uses the torch
 that is already installed instead of fetching another one into an isolated
 build environment.
 """
+import os
+import shutil
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
 try:
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise SystemExit(
         "margin_kernels builds against an installed torch. Install torch first "
@@ -20,19 +24,32 @@ except ImportError as exc:  # pragma: no cover - the message is the point
 ROOT = Path(__file__).parent
 
 cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-trapping-math"]
+sources = ["csrc/bindings.cpp", "csrc/cpu/margin_ce_cpu.cpp", "csrc/cpu/row_epilogue.cpp"]
 
-ext_modules = [
-    CppExtension(
+# CUDA kernels only where torch itself was built with CUDA and nvcc is found;
+# MARGIN_KERNELS_NO_CUDA=1 forces a CPU-only build.
+with_cuda = (
+    torch.version.cuda is not None
+    and (CUDA_HOME is not None or shutil.which("nvcc") is not None)
+    and os.environ.get("MARGIN_KERNELS_NO_CUDA", "0") != "1"
+)
+if with_cuda:
+    arch_flags = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90"]
+    extension = CUDAExtension(
         name="margin_kernels._C",
-        sources=[
-            "csrc/bindings.cpp",
-            "csrc/cpu/margin_ce_cpu.cpp",
-            "csrc/cpu/row_epilogue.cpp",
-        ],
+        sources=sources + ["csrc/cuda/margin_ce_cuda.cpp", "csrc/cuda/epilogue.cu"],
+        define_macros=[("MK_WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", *arch_flags]},
+        extra_link_args=["-fopenmp"],
+    )
+else:
+    extension = CppExtension(
+        name="margin_kernels._C",
+        sources=sources,
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"],
     )
-]
+ext_modules = [extension]
 
 setup(
     name="margin_kernels",

@@ -43,4 +43,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
     const at::Tensor& target_slope, const at::Tensor& grad_rows, double scale,
     int64_t block_rows);
 
+#ifdef MK_WITH_CUDA
+// The same contract on CUDA tensors (csrc/cuda/margin_ce_cuda.cpp): cuBLAS
+// blocks through ATen plus the epilogue kernels of csrc/cuda/epilogue.cu.
+namespace cuda {
+at::Tensor row_inv_norms(const at::Tensor& weight, double eps);
+at::Tensor lse_forward(const at::Tensor& x_hat, const at::Tensor& weight,
+                       const at::Tensor& w_inv, const at::Tensor& labels_local,
+                       const at::Tensor& target_logit, double scale,
+                       int64_t block_classes,
+                       const c10::optional<at::Tensor>& class_index);
+std::tuple<at::Tensor, at::Tensor> lse_backward(
+    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
+    const at::Tensor& labels_local, const at::Tensor& target_logit,
+    const at::Tensor& target_slope, const at::Tensor& lse,
+    const at::Tensor& grad_rows, double scale, int64_t block_classes,
+    const c10::optional<at::Tensor>& class_index);
+}  // namespace cuda
+#endif
+
 }  // namespace margin_kernels

@@ -1,4 +1,6 @@
-"""The C++ backend (csrc/): ATen GEMMs on class blocks plus fused C++ epilogues."""
+"""The C++ backend (csrc/): ATen GEMMs on class blocks plus fused epilogues, in
+C++ on the CPU and in CUDA kernels (csrc/cuda/) on GPUs where the extension was
+built with CUDA."""
 from __future__ import annotations
 
 import torch
@@ -22,11 +24,13 @@ def unavailable_reason() -> str | None:
 
 
 def _check_device(t: Tensor) -> None:
-    if t.device.type != "cpu":
-        raise RuntimeError(
-            "backend='cpp' runs on CPU tensors only in this build (its CUDA kernels are not compiled); "
-            f"got a tensor on {t.device}. Use backend='triton' or 'reference' on GPUs."
-        )
+    if t.device.type == "cpu" or (t.device.type == "cuda" and _C.with_cuda):
+        return
+    raise RuntimeError(
+        f"backend='cpp' got a tensor on {t.device}, but this build of margin_kernels._C has "
+        f"{'CUDA' if _C.with_cuda else 'no CUDA'} kernels (they are built only where torch has CUDA and nvcc "
+        "is found). Use backend='triton' or 'reference' there."
+    )
 
 
 def block_classes(batch: int, dim: int, weight_dtype: torch.dtype, workspace_bytes: int) -> int:

@@ -1,0 +1,46 @@
+// Launchers of the CUDA epilogue kernels. Raw pointers, sizes and a stream:
+// this header and the .cu files include only CUDA's own headers, so they
+// compile with plain `nvcc -c` on machines whose torch has no CUDA.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Element types of the weight / gradient tensors.
+enum mk_dtype { MK_FLOAT32 = 0, MK_BFLOAT16 = 1, MK_FLOAT16 = 2 };
+
+// inv[r] = 1 / max(||x_r||, eps) over rows of a [rows, dim] matrix (row stride
+// `ld`); when x_hat is not null also x_hat[r] = x_r * inv[r] in float32.
+cudaError_t mk_normalize_rows(const void* x, int dtype, int64_t rows, int64_t dim, int64_t ld,
+                              float eps, float* x_hat, float* inv, cudaStream_t stream);
+
+// One class block of the forward: logits [B, K] (fp32, row stride ld) -> z =
+// scale * logits * inv[col] with column labels_local[i] - col0 replaced by
+// target[i]; updates the running row max / sum-exp in place.
+cudaError_t mk_forward_epilogue(const float* logits, int64_t B, int64_t K, int64_t ld,
+                                const float* inv, float scale, const int64_t* labels_local,
+                                int64_t col0, const float* target, float* row_max,
+                                float* row_sum, cudaStream_t stream);
+
+// One class block of the backward: dz = g s (softmax - onehot), times the
+// target slope at the target column and inv[col], written as `out_dtype` into
+// dz (row stride ld_out; may alias logits when out_dtype is float32).
+cudaError_t mk_backward_epilogue(const float* logits, int64_t B, int64_t K, int64_t ld,
+                                 const float* inv, float scale, const int64_t* labels_local,
+                                 int64_t col0, const float* target, const float* slope,
+                                 const float* lse, const float* grad, void* dz, int out_dtype,
+                                 int64_t ld_out, cudaStream_t stream);
+
+// dW_j = G_j - w_j inv_j^2 (w_j . G_j) for rows of G (fp32 [K, dim]), written
+// as out_dtype into out (may alias G when float32): d/dw from d/d(w_hat).
+cudaError_t mk_project_rows(const float* G, const void* w, int w_dtype, int64_t rows, int64_t dim,
+                            int64_t ld_w, const float* inv, void* out, int out_dtype,
+                            cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
