@@ -17,8 +17,8 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _configs(kind: str) -> list[triton.Config]:
-    if INTERPRET:  # the interpreter pays per block op: few, large tiles
+def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
+    if interpret:  # the interpreter pays per block op: few, large tiles
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
     shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]
     if kind == "bwd":  # the backward holds two accumulators per D chunk: smaller tiles
@@ -63,7 +63,7 @@ def _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N: tl.constexpr, HAS_INDEX: tl.co
     return cols, col_ok, w_rows
 
 
-@triton.autotune(configs=_configs("fwd"), key=["B", "C", "D"])
+@triton.autotune(configs=_configs("fwd"), key=["B", "C", "D"])  # D: the embedding size
 @triton.jit
 def lse_forward_kernel(
     X, W, W_INV, LABELS, TARGET, CLASS_INDEX, PART_MAX, PART_SUM,
