@@ -117,7 +117,14 @@ class _ShardedMarginLoss(torch.autograd.Function):
         dx_hat, dw = ctx.kernels.lse_backward(
             x_hat, weight, w_inv, labels_local, target, slope, ctx.s, lse, g, ctx.workspace, class_index=class_index
         )
-        if class_index is not None:  # rows outside the sample get a zero gradient
+        if class_index is not None and weight.is_leaf:
+            # Rows-only update straight into .grad: autograd would otherwise build
+            # a dense C x D gradient next to .grad just to add it in.
+            if weight.grad is None:
+                weight.grad = torch.zeros_like(weight)
+            weight.grad.index_add_(0, class_index, dw.to(weight.grad.dtype))
+            dw = None
+        elif class_index is not None:  # rows outside the sample get a zero gradient
             dw = torch.zeros_like(weight).index_copy_(0, class_index, dw)
         return dx_hat, dw, None, None, None, None, None, None, None, None, None
 
@@ -141,10 +148,13 @@ class PartialFC(nn.Module):
 
     ``forward(embeddings, labels)`` takes this rank's rows (any number, zero
     included) and returns the mean loss over the global batch, the same on every
-    rank. With ``sample_rate < 1`` the gradient of unsampled rows is zero, as in
-    insightface's PartialFC_V2: an optimizer with momentum or weight decay still
-    moves them; ``last_sampled_index`` holds the rows the last step used, for a
-    rows-only update.
+    rank. With ``sample_rate < 1`` the sampled rows' gradient is added straight
+    into ``weight.grad`` (created as zeros when None), so no second dense C x D
+    gradient ever exists; unsampled rows get a zero gradient, as in insightface's
+    PartialFC_V2, so an optimizer with momentum or weight decay still moves them.
+    ``last_sampled_index`` holds the rows the last step used, for a rows-only
+    optimizer update. (Gradient hooks registered on ``weight`` do not see these
+    sampled-step gradients.)
 
     ``state_dict()`` holds the full [C, D] class matrix (gathered from every rank),
     so a checkpoint saved at one world size loads at any other: each rank takes

@@ -175,3 +175,17 @@ def test_from_insightface_maps_their_combined_margin_loss():
     pfc = mk.PartialFC.from_insightface(CombinedMarginLoss(), 24, 1000, 0.2, True)
     assert pfc.margin == mk.CombinedMargin(64.0, 1.0, 0.5, 0.0) and pfc.sample_rate == 0.2
     assert pfc.weight.shape == (1000, 24)
+
+
+def test_sampled_gradient_accumulates_into_existing_grad():
+    torch.manual_seed(0)
+    pfc = mk.PartialFC(D, C, MARGIN, sample_rate=0.2, generator=torch.Generator().manual_seed(1))
+    x, y = torch.randn(10, D), torch.randint(0, C, (10,))
+    pfc(x, y).backward()
+    first = pfc.weight.grad.clone()
+    index = pfc.last_sampled_index
+    pfc.generator.manual_seed(1)  # the same sample again
+    pfc(x, y).backward()
+    assert torch.equal(pfc.last_sampled_index, index)
+    assert torch.allclose(pfc.weight.grad, 2 * first)
+    assert first.abs().sum() > 0
