@@ -181,6 +181,7 @@ def test_sampled_gradient_accumulates_into_existing_grad():
     torch.manual_seed(0)
     pfc = mk.PartialFC(D, C, MARGIN, sample_rate=0.2, generator=torch.Generator().manual_seed(1))
     x, y = torch.randn(10, D), torch.randint(0, C, (10,))
+    pfc.generator.manual_seed(1)
     pfc(x, y).backward()
     first = pfc.weight.grad.clone()
     index = pfc.last_sampled_index
