@@ -129,7 +129,7 @@ def measure(impl: str, args) -> dict:
     world = dist.get_world_size() if dist.is_initialized() else 1
     return dict(impl=impl, rank=rank, world=world, classes=args.classes, dim=args.dim, batch=args.batch,
                 sample_rate=args.sample_rate, samples_per_s=world * args.batch / (sum(times) / len(times)),
-                peak_bytes=peak, loss=float(loss))
+                peak_bytes=peak, loss=float(loss.detach()))
 
 
 # ----------------------------------------------------------------------------- memory model
