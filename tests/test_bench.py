@@ -33,6 +33,7 @@ def test_argument_errors_exit_nonzero_with_a_clear_message(args, message):
     assert message in proc.stderr
 
 
+@pytest.mark.slow
 @requires_cpp
 def test_tiny_run_end_to_end(tmp_path):
     out = tmp_path / "bench.json"

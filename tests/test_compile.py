@@ -47,3 +47,22 @@ def test_meta_device_plans_shapes():
         x, w, y, torch.empty(4096, device="meta"), torch.empty(4096, device="meta"), 64.0, -100, "cpp", 2**26, False
     )
     assert rows.shape == (4096,) and lse.shape == (4096,) and w_inv.shape == (1_000_000,)
+
+
+@pytest.mark.slow
+def test_inductor_fullgraph_matches_eager():
+    """The default backend too: inductor generates code around the custom op."""
+    torch._dynamo.reset()
+    x, w, y = make_problem(13, 24, 97, ignore=(5,))
+
+    def loss_fn(x, w, y):
+        return mk.margin_cross_entropy(x, w, y, mk.CombinedMargin(m1=1.1, m2=0.3, m3=0.1), backend="cpp")
+
+    results = []
+    for fn in (loss_fn, torch.compile(loss_fn, fullgraph=True)):
+        xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = fn(xl, wl, y)
+        loss.backward()
+        results.append((loss.detach(), xl.grad, wl.grad))
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-5

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
