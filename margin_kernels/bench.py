@@ -261,7 +261,11 @@ def available_impls(device: str, margin: str) -> list[str]:
 
 
 def _backend_runs_on(name: str, device: str) -> bool:
-    return (name == "cpp" and device == "cpu") or (name == "triton" and device.startswith("cuda"))
+    from margin_kernels import backends
+
+    if name == "cpp":
+        return device == "cpu" or bool(backends.load("cpp")._C.with_cuda)
+    return device.startswith("cuda")  # triton
 
 
 class Progress:

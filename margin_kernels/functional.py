@@ -7,6 +7,7 @@ from torch import Tensor
 
 from . import backends, reference
 from ._checks import FUSED_DTYPES, check_args, check_values
+from ._ops import FusedReducedLoss  # also registers the margin_kernels:: custom ops
 from .margins import Margin, RowMargins, target_logit
 
 __all__ = ["margin_cross_entropy", "draw_margins", "target_cosine"]
@@ -92,9 +93,6 @@ def margin_cross_entropy(
     if not compiling:
         check_values(embeddings, weight, labels, ignore_index)
 
-    valid = labels != ignore_index
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
-    x_hat = F.normalize(embeddings.float() if name != "reference" else embeddings, dim=1, eps=reference.NORM_EPS)
     if margins is None:
         margins = draw_margins(embeddings, weight, labels, margin, ignore_index=ignore_index, generator=generator)
     flags = dict(overflow=margin.overflow, easy_margin=margin.easy_margin, detach_margin=margin.detach_margin)
@@ -105,6 +103,9 @@ def margin_cross_entropy(
         )
         return (loss, lse) if return_lse else loss
 
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
+    x_hat = F.normalize(embeddings.float(), dim=1, eps=reference.NORM_EPS)
     t, slope = target_logit(target_cosine(x_hat, weight, safe_labels), margins, **flags)
     target = margin.s * t
     workspace = backends.DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)
@@ -115,8 +116,6 @@ def margin_cross_entropy(
         row_scale = valid.float()
         if reduction == "mean":
             row_scale = row_scale / valid.sum().clamp_min(1)
-        from ._ops import FusedReducedLoss
-
         loss, lse = FusedReducedLoss.apply(
             x_hat.contiguous(), weight, labels_local, target, slope, row_scale, margin.s, kernels, workspace
         )
@@ -142,6 +141,3 @@ def _can_fuse(kernels, weight: Tensor, reduction: str, compiling: bool, batch: i
         and kernels.prefers_fused(weight, batch, workspace)
     )
 
-
-# Registers the custom ops (import for the side effect, after the names above).
-from . import _ops  # noqa: E402,F401
