@@ -308,9 +308,16 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f}"
 
 
+def useful_tflops(r: Result) -> float:
+    """6 B D C useful FLOPs of a fwd+bwd (three B x D x C GEMMs) over the time."""
+    c = r.case
+    return 6 * c.batch * c.dim * c.classes / (r.time_ms * 1e-3) / 1e12
+
+
 def format_table(results: list[Result], naive: str = "reference") -> str:
     """One row per (C, implementation); ratios against the naive baseline of the same C."""
-    head = f"{'classes':>10} {'implementation':<16} {'fwd+bwd ms':>11} {'speedup':>8} {'workspace MiB':>14} {'/ naive':>8}"
+    head = (f"{'classes':>10} {'implementation':<16} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'speedup':>8} "
+            f"{'workspace MiB':>14} {'/ naive':>8}")
     lines = [head, "-" * len(head)]
     by_c: dict[int, list[Result]] = {}
     for r in results:
@@ -319,7 +326,8 @@ def format_table(results: list[Result], naive: str = "reference") -> str:
         base = next((r for r in rows if r.case.impl == naive and r.status == "ok"), None)
         for r in rows:
             if r.status != "ok":
-                lines.append(f"{c:>10,} {r.case.impl:<16} {r.status.upper():>11} {'':>8} {'':>14} {'':>8}  {r.message[:60]}")
+                lines.append(f"{c:>10,} {r.case.impl:<16} {r.status.upper():>11} {'':>8} {'':>8} {'':>14} {'':>8}  "
+                             f"{r.message[:60]}")
                 continue
             speed = f"{base.time_ms / r.time_ms:.2f}x" if base else "n/a"
             if r.workspace_bytes is None:
@@ -327,7 +335,8 @@ def format_table(results: list[Result], naive: str = "reference") -> str:
             else:
                 mem = _mib(r.workspace_bytes)
                 ratio = f"{r.workspace_bytes / base.workspace_bytes:.3f}" if base and base.workspace_bytes else "n/a"
-            lines.append(f"{c:>10,} {r.case.impl:<16} {r.time_ms:>11,.1f} {speed:>8} {mem:>14} {ratio:>8}")
+            lines.append(f"{c:>10,} {r.case.impl:<16} {r.time_ms:>11,.1f} {useful_tflops(r):>8.3f} {speed:>8} "
+                         f"{mem:>14} {ratio:>8}")
     return "\n".join(lines)
 
 
@@ -498,9 +507,10 @@ def main(argv=None) -> int:
     else:
         results = run_sweep(args)
         print(format_table(results))
-        print("speedup = naive time / time; workspace = peak memory beyond inputs and gradient outputs; "
-              f"{FLOOR} = the three bare GEMMs (time floor).")
-        payload = [dict(asdict(r), time_ms=r.time_ms) for r in results]
+        print("speedup = naive time / time; TFLOP/s counts 6 B D C useful FLOPs; workspace = peak memory beyond "
+              f"inputs and gradient outputs; {FLOOR} = the three bare GEMMs (time floor).")
+        payload = [dict(asdict(r), time_ms=r.time_ms, tflops=useful_tflops(r) if r.time_ms else None)
+                   for r in results]
         if args.plot:
             plot(results, args.plot, title)
             print(f"plot written to {args.plot}")
