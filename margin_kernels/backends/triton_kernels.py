@@ -30,16 +30,19 @@ def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
 
 
 @triton.jit
-def _logits_tile(X, W, rows, row_ok, w_rows, col_ok, D, stride_x, stride_w,
+def _logits_tile(X, W, rows, w_rows, D, stride_x, stride_w,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """x_hat[rows] . W[w_rows]^T for one tile, accumulated in fp32."""
+    """x_hat[rows] . W[w_rows]^T for one tile, accumulated in fp32. ``rows`` and
+    ``w_rows`` are clamped in range by the caller, so only D needs a mask: the
+    loads stay vectorizable, and the tile's out-of-range rows and columns (copies
+    of the last valid one) are masked in the epilogue."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < D
-        a = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        k_ok = (ks < D)[None, :]
+        a = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=k_ok, other=0.0)
+        b = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=k_ok, other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -54,12 +57,15 @@ def _logits_tile(X, W, rows, row_ok, w_rows, col_ok, D, stride_x, stride_w,
 
 @triton.jit
 def _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N: tl.constexpr, HAS_INDEX: tl.constexpr):
+    """Columns of class tile pid_n, their validity, and the W rows they read
+    (clamped to the last class so that loads need no row mask)."""
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
+    safe = tl.minimum(cols, C - 1)
     if HAS_INDEX:
-        w_rows = tl.load(CLASS_INDEX + cols, mask=col_ok, other=0)
+        w_rows = tl.load(CLASS_INDEX + safe)
     else:
-        w_rows = cols
+        w_rows = safe
     return cols, col_ok, w_rows
 
 
@@ -78,6 +84,7 @@ def lse_forward_kernel(
     n_splits = tl.num_programs(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
+    safe_rows = tl.minimum(rows, B - 1)
     label = tl.load(LABELS + rows, mask=row_ok, other=-1)
     target = tl.load(TARGET + rows, mask=row_ok, other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -86,7 +93,7 @@ def lse_forward_kernel(
     per_split = tl.cdiv(tiles, n_splits)
     for t in range(pid_s * per_split, tl.minimum((pid_s + 1) * per_split, tiles)):
         cols, col_ok, w_rows = _tile_columns(t, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
-        acc = _logits_tile(X, W, rows, row_ok, w_rows, col_ok, D, stride_x, stride_w,
+        acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
         inv = tl.load(W_INV + cols, mask=col_ok, other=0.0)
         z = acc * (inv * scale)[None, :]
@@ -114,6 +121,7 @@ def lse_backward_kernel(
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
+    safe_rows = tl.minimum(rows, B - 1)
     cols, col_ok, w_rows = _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
     label = tl.load(LABELS + rows, mask=row_ok, other=-1)
     target = tl.load(TARGET + rows, mask=row_ok, other=0.0)
@@ -121,7 +129,7 @@ def lse_backward_kernel(
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     coef = tl.load(GRAD + rows, mask=row_ok, other=0.0) * scale
 
-    acc = _logits_tile(X, W, rows, row_ok, w_rows, col_ok, D, stride_x, stride_w,
+    acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
     inv = tl.load(W_INV + cols, mask=col_ok, other=0.0)
     is_target = cols[None, :] == label[:, None]
@@ -133,8 +141,8 @@ def lse_backward_kernel(
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
-        w_blk = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-        x_blk = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_blk = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=k_ok[None, :], other=0.0)
+        x_blk = tl.load(X + safe_rows[:, None] * stride_x + ks[None, :], mask=k_ok[None, :], other=0.0)
         if UPCAST:
             w_blk = w_blk.to(tl.float32)
             x_blk = x_blk.to(tl.float32)
