@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -227,6 +228,9 @@ def run_case(case: Case) -> Result:
         oom = isinstance(exc, MemoryError) or "out of memory" in text.lower() or "can't allocate" in text.lower()
         result.status = "oom" if oom else "error"
         result.message = text.splitlines()[0][:200] if text else type(exc).__name__
+        tried = re.search(r"(?:tried to allocate|allocate) ([\d.]+ ?\w*B|\d+ bytes)", text)
+        if oom:
+            result.message = f"out of memory (allocating {tried.group(1)})" if tried else "out of memory"
     return result
 
 
