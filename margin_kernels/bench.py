@@ -268,7 +268,7 @@ def _backend_runs_on(name: str, device: str) -> bool:
     from margin_kernels import backends
 
     if name == "cpp":
-        return device == "cpu" or bool(backends.load("cpp")._C.with_cuda)
+        return device == "cpu" or backends.load("cpp").runs_on_cuda()
     return device.startswith("cuda")  # triton
 
 

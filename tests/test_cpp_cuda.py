@@ -8,7 +8,7 @@ from margin_kernels import backends
 
 from conftest import ALL_MARGINS, loss_and_grads, make_problem, rel_err
 
-cuda_built = torch.cuda.is_available() and backends.is_available("cpp") and backends.load("cpp")._C.with_cuda
+cuda_built = torch.cuda.is_available() and backends.is_available("cpp") and backends.load("cpp").runs_on_cuda()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_built, reason="needs a GPU and a CUDA build of _C")]
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 3e-2), torch.float16: (5e-3, 2e-2)}

@@ -61,8 +61,11 @@ def resolve(name: str, device: torch.device) -> str:
         if name not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {name!r}")
         return name
-    if device.type == "cuda" and is_available("triton"):
-        return "triton"
+    if device.type == "cuda":
+        if is_available("triton"):
+            return "triton"
+        if is_available("cpp") and load("cpp").runs_on_cuda():
+            return "cpp"
     if device.type == "cpu" and is_available("cpp"):
         return "cpp"
     return "reference"

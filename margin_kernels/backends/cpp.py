@@ -23,6 +23,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def runs_on_cuda() -> bool:
+    """Whether this build of _C has the CUDA kernels."""
+    return bool(_C.with_cuda)
+
+
 def _check_device(t: Tensor) -> None:
     if t.device.type == "cpu" or (t.device.type == "cuda" and _C.with_cuda):
         return
