@@ -190,3 +190,27 @@ def test_sampled_gradient_accumulates_into_existing_grad():
     assert torch.equal(pfc.last_sampled_index, index)
     assert torch.allclose(pfc.weight.grad, 2 * first)
     assert first.abs().sum() > 0
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.4])
+def test_triton_backend_single_process(sample_rate):
+    """The path PartialFC takes on GPUs: the Triton kernels (interpreted on CPU
+    here), with their index-gather when sampling."""
+    from margin_kernels import backends
+
+    if not backends.is_available("triton"):
+        pytest.skip("triton backend unavailable")
+    sizes = [11]
+    x, y, w = global_problem(sizes, seed=3)
+    pfc = mk.PartialFC(D, C, MARGIN, sample_rate=sample_rate, backend="triton",
+                       generator=torch.Generator().manual_seed(0))
+    pfc.load_state_dict({"weight": w})
+    xr = x.clone().requires_grad_(True)
+    loss = pfc(xr, y)
+    loss.backward()
+    classes = None if sample_rate == 1.0 else pfc.last_sampled_index
+    ref_loss, ref_dx, ref_dw = reference(sizes, seed=3, classes=classes)
+    assert rel_err(loss.detach(), ref_loss) < 1e-5
+    assert rel_err(xr.grad, ref_dx) < 1e-5
+    dw = pfc.weight.grad if classes is None else pfc.weight.grad[classes]
+    assert rel_err(dw, ref_dw) < 1e-5
