@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import margin_kernels as mk
-from margin_kernels.bench import _reset_peak, _rss_status
+from margin_kernels.bench import reset_peak, rss_status
 from margin_kernels.partial_fc import class_split
 
 GiB = 2**30
@@ -110,8 +110,8 @@ def measure(impl: str, args) -> dict:
     tiny_opt.step()
     x.grad = None
     del tiny, tiny_opt
-    base = _rss_status("VmRSS")
-    _reset_peak()
+    base = rss_status("VmRSS")
+    reset_peak()
     module = build(impl, args, gen)
     # SGD with momentum, no weight decay: torch's SGD adds weight decay out of
     # place, a C x D temporary for either implementation.
@@ -125,7 +125,7 @@ def measure(impl: str, args) -> dict:
         opt.step()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-    peak = _rss_status("VmHWM") - base
+    peak = rss_status("VmHWM") - base
     world = dist.get_world_size() if dist.is_initialized() else 1
     return dict(impl=impl, rank=rank, world=world, classes=args.classes, dim=args.dim, batch=args.batch,
                 sample_rate=args.sample_rate, samples_per_s=world * args.batch / (sum(times) / len(times)),
@@ -179,7 +179,7 @@ def model_report(args) -> None:
     for impl, c, meas, pred in rows:
         print(f"{impl:<14} {c:>10,} {meas / 2**20:>13,.0f} {pred / 2**20:>10,.0f} {pred / meas:>15.2f}")
     budget = 80e9 * 0.95  # leave 5% for the CUDA context and the allocator's slack
-    print(f"\nmost identities on one 80 GB GPU (model; D=512, B=512, fp32 weights, SGD momentum, 95% usable):")
+    print("\nmost identities on one 80 GB GPU (model; D=512, B=512, fp32 weights, SGD momentum, 95% usable):")
     print(f"{'sample_rate':>11} {'insightface-style':>18} {'ours':>14} {'ratio':>6}")
     for rate in (1.0, 0.3, 0.1):
         a = max_classes("insightface", budget, 512, 512, rate)
