@@ -7,7 +7,7 @@ from torch import Tensor
 
 from . import backends, reference
 from ._checks import FUSED_DTYPES, check_args, check_values
-from ._ops import FusedReducedLoss  # also registers the margin_kernels:: custom ops
+from ._ops import FusedReducedLoss, _labels_local  # also registers the margin_kernels:: custom ops
 from .margins import Margin, RowMargins, target_logit
 
 __all__ = ["margin_cross_entropy", "draw_margins", "target_cosine"]
@@ -93,11 +93,11 @@ def margin_cross_entropy(
     if not compiling:
         check_values(embeddings, weight, labels, ignore_index)
 
-    if margins is None:
-        margins = draw_margins(embeddings, weight, labels, margin, ignore_index=ignore_index, generator=generator)
     flags = dict(overflow=margin.overflow, easy_margin=margin.easy_margin, detach_margin=margin.detach_margin)
 
     if name == "reference":
+        if margins is None:
+            margins = draw_margins(embeddings, weight, labels, margin, ignore_index=ignore_index, generator=generator)
         loss, lse = reference.margin_cross_entropy(
             embeddings, weight, labels, margins, s=margin.s, reduction=reduction, ignore_index=ignore_index, **flags
         )
@@ -106,13 +106,17 @@ def margin_cross_entropy(
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
     x_hat = F.normalize(embeddings.float(), dim=1, eps=reference.NORM_EPS)
-    t, slope = target_logit(target_cosine(x_hat, weight, safe_labels), margins, **flags)
+    cos_y = target_cosine(x_hat, weight, safe_labels)
+    if margins is None:  # as draw_margins, reusing the target cosines computed here
+        margins = margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=cos_y, valid=valid,
+                                     generator=generator)
+    t, slope = target_logit(cos_y, margins, **flags)
     target = margin.s * t
     workspace = backends.DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)
     kernels = backends.load(name)
 
     if _can_fuse(kernels, weight, reduction, compiling, labels.shape[0], workspace):
-        labels_local = torch.where(valid, labels, torch.full_like(labels, -1)).long()
+        labels_local = _labels_local(labels, ignore_index)
         row_scale = valid.float()
         if reduction == "mean":
             row_scale = row_scale / valid.sum().clamp_min(1)

@@ -38,14 +38,19 @@ def _check_device(t: Tensor) -> None:
     )
 
 
-def block_classes(batch: int, dim: int, weight_dtype: torch.dtype, workspace_bytes: int) -> int:
+def block_classes(batch: int, dim: int, copies_rows: bool, workspace_bytes: int) -> int:
     """Classes per block so that the block's scratch fits the budget.
 
     Per class: a logits column of B floats, plus a float32 copy of the weight
-    row and its gradient row when the weight is not float32.
+    row and its gradient row when blocks are copied (weights not float32, or
+    gathered through a class index).
     """
-    per_class = FLOAT_BYTES * (batch + (0 if weight_dtype == torch.float32 else 2 * dim))
+    per_class = FLOAT_BYTES * (batch + (2 * dim if copies_rows else 0))
     return max(1, workspace_bytes // max(per_class, 1))
+
+
+def _copies_rows(weight: Tensor, class_index: Tensor | None) -> bool:
+    return class_index is not None or weight.dtype != torch.float32
 
 
 def block_rows(num_classes: int, workspace_bytes: int) -> int:
@@ -62,16 +67,14 @@ def row_inv_norms(weight: Tensor, class_index: Tensor | None = None) -> Tensor:
 def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_bytes, class_index=None):
     _check_device(x_hat)
     # A gathered block is copied to float32 whatever the weight dtype: budget for it.
-    dtype = torch.float16 if class_index is not None else weight.dtype
-    k = block_classes(x_hat.shape[0], x_hat.shape[1], dtype, workspace_bytes)
+    k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), workspace_bytes)
     return _C.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, float(s), k, class_index)
 
 
 def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, s, lse, grad_rows, workspace_bytes,
                  class_index=None):
     _check_device(x_hat)
-    dtype = torch.float16 if class_index is not None else weight.dtype
-    k = block_classes(x_hat.shape[0], x_hat.shape[1], dtype, workspace_bytes)
+    k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), workspace_bytes)
     return _C.lse_backward(
         x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse, grad_rows.float().contiguous(), float(s), k,
         class_index,
