@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends, reference
+from . import _shard_io, backends, reference
 from ._checks import FUSED_DTYPES, check_values
 from .margins import CombinedMargin, Margin, RowMargins, target_logit
 
@@ -58,22 +58,18 @@ class _Group:
             dist.broadcast(t, dist.get_global_rank(self.group, src_rank) if self.group else src_rank, group=self.group)
         return t
 
-    def all_gather_rows(self, t: Tensor, sizes: list[int], dst: int | None = None) -> Tensor | None:
-        """Concatenate every rank's rows (rank order), sizes[r] rows from rank r:
-        on every rank, or only on rank ``dst`` (None elsewhere)."""
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.group)
+
+    def all_gather_rows(self, t: Tensor, sizes: list[int]) -> Tensor:
+        """Concatenate every rank's rows (rank order), sizes[r] rows from rank r."""
         if not self.distributed:
             return t
         padded = torch.zeros((max(sizes),) + t.shape[1:], dtype=t.dtype, device=t.device)
         padded[: t.shape[0]] = t
-        if dst is None:
-            parts = [torch.empty_like(padded) for _ in range(self.size)]
-            dist.all_gather(parts, padded, group=self.group)
-        else:
-            parts = [torch.empty_like(padded) for _ in range(self.size)] if self.rank == dst else None
-            dist.gather(padded, parts, dst=dist.get_global_rank(self.group, dst) if self.group else dst,
-                        group=self.group)
-            if parts is None:
-                return None
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=self.group)
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
@@ -156,9 +152,12 @@ class PartialFC(nn.Module):
     optimizer update. (Gradient hooks registered on ``weight`` do not see these
     sampled-step gradients.)
 
-    ``state_dict()`` holds the full [C, D] class matrix (gathered from every rank),
-    so a checkpoint saved at one world size loads at any other: each rank takes
-    its own slice. ``full_weight()`` gathers it on rank 0 only, for export.
+    Checkpoints load at any world size. ``state_dict()`` holds the full [C, D]
+    class matrix, gathered into host memory on every rank (a collective; each
+    rank takes its own slice on load); ``full_weight()`` gathers it on one rank
+    only, for export. At millions of classes use ``save_sharded(path,
+    optimizer)`` / ``load_sharded``: one file per rank, resharded on load, with
+    the weight's optimizer state, and no process ever holds the whole matrix.
     """
 
     last_sampled_index: Tensor | None
@@ -313,20 +312,36 @@ class PartialFC(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _gathered_weight(self, dst: int | None = None) -> Tensor | None:
-        sizes = [class_split(self.num_classes, self._group.size, r)[1] for r in range(self._group.size)]
-        return self._group.all_gather_rows(self.weight.detach(), sizes, dst=dst)
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        # A collective: every rank must call state_dict().
-        destination[prefix + "weight"] = self._gathered_weight()
+        # A collective when distributed: every rank must call state_dict().
+        if self._group.distributed:
+            destination[prefix + "weight"] = _shard_io.gather_full(self)
+        else:
+            destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
 
     def full_weight(self, dst: int = 0) -> Tensor | None:
-        """The full [C, D] class matrix on rank ``dst`` (None elsewhere), for export.
-        A collective: every rank must call it."""
+        """The full [C, D] class matrix on rank ``dst`` (None elsewhere), in host
+        memory, for export. A collective: every rank must call it."""
         if not self._group.distributed:
             return self.weight.detach().clone()
-        return self._gathered_weight(dst=dst)
+        return _shard_io.gather_full(self, dst=dst)
+
+    def save_sharded(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Write a checkpoint directory with one file per rank: this rank's
+        classes and, if ``optimizer`` is given, the weight's optimizer state
+        (momentum, Adam moments) for the same classes.
+
+        Unlike ``state_dict()``, nothing holds the whole [C, D] matrix, so it
+        scales to any class count; ``load_sharded`` reads it back at any world
+        size. A collective; ``path`` must be on a file system every rank sees.
+        """
+        _shard_io.save_sharded(self, path, optimizer)
+
+    def load_sharded(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Load a ``save_sharded`` directory written at any world size: this rank
+        memory-maps only the files that overlap its classes. With ``optimizer``,
+        the weight's state there is replaced by the checkpoint's."""
+        _shard_io.load_sharded(self, path, optimizer)
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "

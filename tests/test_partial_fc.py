@@ -44,6 +44,17 @@ def step(rank, sizes, sample_rate=1.0, seed=0):
                 index=pfc.last_sampled_index)
 
 
+def trained(rank, sizes, optimizer_cls=torch.optim.SGD, **opt_kwargs):
+    """A PartialFC and its optimizer after one step, so optimizer state exists."""
+    x, y, w = global_problem(sizes, seed=1)
+    pfc = mk.PartialFC(D, C, MARGIN)
+    pfc.load_state_dict({"weight": w})
+    opt = optimizer_cls(pfc.parameters(), **(opt_kwargs or {"lr": 0.1, "momentum": 0.9}))
+    pfc(x[my_rows(rank, sizes)], y[my_rows(rank, sizes)]).backward()
+    opt.step()
+    return pfc, opt
+
+
 def reference(sizes, seed=0, classes=None):
     """Loss and grads of the whole batch on one process; `classes` restricts the
     softmax to a subset (sampled negatives)."""
@@ -72,13 +83,18 @@ def check_against_reference(results, sizes):
 # ---------------------------------------------------------------- workers (run in spawned ranks)
 
 
-def _world2(rank, world, ckpt_path):
+def _world2(rank, world, ckpt_path, sharded_dir):
     out = {"full": step(rank, [9, 9]), "uneven": step(rank, [4, 11]), "sampled": step(rank, [9, 9], sample_rate=0.3)}
     pfc = mk.PartialFC(D, C, MARGIN, generator=torch.Generator().manual_seed(rank))
     state = pfc.state_dict()  # a collective: the full matrix on every rank
     if rank == 0:
         torch.save(state, ckpt_path)
     out["exported"] = pfc.full_weight(dst=0)
+    out["exported_on_1"] = pfc.full_weight(dst=1)
+    trained_pfc, opt = trained(rank, [9, 9])
+    trained_pfc.save_sharded(sharded_dir, opt)
+    out["trained"] = trained_pfc.weight.detach().clone()
+    out["momentum"] = opt.state[trained_pfc.weight]["momentum_buffer"].clone()
     bad_labels = torch.randint(0, C, (5,))
     if rank == 1:
         bad_labels[2] = C + 7
@@ -90,12 +106,16 @@ def _world2(rank, world, ckpt_path):
     return out
 
 
-def _world3(rank, world, ckpt_path):
+def _world3(rank, world, ckpt_path, sharded_dir):
     pfc = mk.PartialFC(D, C, MARGIN)
     pfc.load_state_dict(torch.load(ckpt_path))
     x = torch.randn(7, D, generator=torch.Generator().manual_seed(5))
     y = torch.arange(7) * 13 % C
-    return {"zero_rank": step(rank, [5, 0, 7]), "loaded_loss": pfc(x, y).detach(), "shard": pfc.weight.detach()}
+    resumed = mk.PartialFC(D, C, MARGIN)
+    opt = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    resumed.load_sharded(sharded_dir, opt)
+    return {"zero_rank": step(rank, [5, 0, 7]), "loaded_loss": pfc(x, y).detach(), "shard": pfc.weight.detach(),
+            "resumed": resumed.weight.detach(), "momentum": opt.state[resumed.weight]["momentum_buffer"]}
 
 
 # ---------------------------------------------------------------- tests
@@ -113,8 +133,8 @@ def test_single_process_is_the_one_rank_case():
 
 @pytest.mark.slow
 def test_two_and_three_ranks(tmp_path):
-    ckpt = str(tmp_path / "pfc_world2.pt")
-    r2 = run_ranks(_world2, 2, ckpt, outdir=str(tmp_path))
+    ckpt, sharded = str(tmp_path / "pfc_world2.pt"), str(tmp_path / "sharded_world2")
+    r2 = run_ranks(_world2, 2, ckpt, sharded, outdir=str(tmp_path))
     check_against_reference([r["full"] for r in r2], [9, 9])
     check_against_reference([r["uneven"] for r in r2], [4, 11])
 
@@ -144,8 +164,9 @@ def test_two_and_three_ranks(tmp_path):
     # Checkpoint saved at world size 2: the full matrix, exported on rank 0 only.
     saved = torch.load(ckpt)["weight"]
     assert saved.shape == (C, D) and torch.equal(r2[0]["exported"], saved) and r2[1]["exported"] is None
+    assert torch.equal(r2[1]["exported_on_1"], saved) and r2[0]["exported_on_1"] is None
 
-    r3 = run_ranks(_world3, 3, ckpt, outdir=str(tmp_path))
+    r3 = run_ranks(_world3, 3, ckpt, sharded, outdir=str(tmp_path))
     check_against_reference([r["zero_rank"] for r in r3], [5, 0, 7])
     assert torch.equal(torch.cat([r["shard"] for r in r3]), saved)
     single = mk.PartialFC(D, C, MARGIN)
@@ -154,6 +175,18 @@ def test_two_and_three_ranks(tmp_path):
     loaded = single(x, torch.arange(7) * 13 % C).detach()
     # world 3 saw the same 7 rows on every rank (21 rows, 3 copies): same mean loss
     assert all(rel_err(r["loaded_loss"], loaded) < 1e-5 for r in r3)
+
+    # Sharded checkpoint of a trained world-2 run, resharded onto 3 ranks and onto 1.
+    weight2 = torch.cat([r["trained"] for r in r2])
+    momentum2 = torch.cat([r["momentum"] for r in r2])
+    assert momentum2.abs().sum() > 0
+    assert torch.equal(torch.cat([r["resumed"] for r in r3]), weight2)
+    assert torch.equal(torch.cat([r["momentum"] for r in r3]), momentum2)
+    one = mk.PartialFC(D, C, MARGIN)
+    opt = torch.optim.SGD(one.parameters(), lr=0.1, momentum=0.9)
+    one.load_sharded(sharded, opt)
+    assert torch.equal(one.weight.detach(), weight2)
+    assert torch.equal(opt.state[one.weight]["momentum_buffer"], momentum2)
 
 
 def test_bad_input_single_process():
@@ -190,6 +223,39 @@ def test_sampled_gradient_accumulates_into_existing_grad():
     assert torch.equal(pfc.last_sampled_index, index)
     assert torch.allclose(pfc.weight.grad, 2 * first)
     assert first.abs().sum() > 0
+
+
+@pytest.mark.parametrize("optimizer_cls, kwargs", [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+                                                    (torch.optim.AdamW, {"lr": 1e-3})])
+def test_sharded_checkpoint_resumes_the_same_trajectory(tmp_path, optimizer_cls, kwargs):
+    pfc, opt = trained(0, [13], optimizer_cls, **kwargs)
+    pfc.save_sharded(str(tmp_path), opt)
+    resumed = mk.PartialFC(D, C, MARGIN)
+    resumed_opt = optimizer_cls(resumed.parameters(), **kwargs)
+    resumed.load_sharded(str(tmp_path), resumed_opt)
+    x, y, _ = global_problem([13], seed=2)
+    for module, optimizer in ((pfc, opt), (resumed, resumed_opt)):
+        optimizer.zero_grad()
+        module(x, y).backward()
+        optimizer.step()
+    assert torch.equal(resumed.weight, pfc.weight)
+
+
+def test_sharded_checkpoint_errors(tmp_path):
+    pfc, opt = trained(0, [13])
+    pfc.save_sharded(str(tmp_path / "ck"))  # weights only
+    with pytest.raises(ValueError, match="not a sharded PartialFC checkpoint"):
+        pfc.load_sharded(str(tmp_path))
+    with pytest.raises(ValueError, match=r"holds \[103, 24\] .* is \[104, 24\]"):
+        mk.PartialFC(D, C + 1, MARGIN).load_sharded(str(tmp_path / "ck"))
+    with pytest.raises(ValueError, match="saved without optimizer state"):
+        pfc.load_sharded(str(tmp_path / "ck"), opt)
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="optimizer does not hold this PartialFC's weight"):
+        pfc.save_sharded(str(tmp_path / "ck2"), other)
+    (tmp_path / "ck" / "classes_000000000000_000000000103.pt").unlink()
+    with pytest.raises(ValueError, match=r"no shard file holds classes \[0, 103\)"):
+        pfc.load_sharded(str(tmp_path / "ck"))
 
 
 @pytest.mark.parametrize("sample_rate", [1.0, 0.4])
