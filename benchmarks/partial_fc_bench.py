@@ -230,6 +230,7 @@ def main() -> None:
             print(f"{r['impl']:<14} {r['samples_per_s']:>10,.0f} {r['peak_bytes'] / 2**20:>10,.0f} "
                   f"{r['samples_per_s'] / base['samples_per_s']:>6.2f}x {r['peak_bytes'] / base['peak_bytes']:>6.2f}x")
     if dist.is_initialized():
+        dist.barrier()  # tear gloo down only once no peer has traffic in flight
         dist.destroy_process_group()
 
 

@@ -24,6 +24,9 @@ def _entry(rank, world, port, fn, args, outdir):
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
+        # No rank tears gloo down while a peer still has traffic in flight: a
+        # closed pair aborts the peer's background thread.
+        dist.barrier()
     except BaseException:
         with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
