@@ -2,7 +2,9 @@
 
 ``check_args`` looks only at types, shapes, dtypes and devices (free, and
 traceable by torch.compile); ``check_values`` reads the data (label range,
-NaN/Inf) and therefore synchronizes with the device.
+NaN/Inf) and therefore synchronizes with the device. The weight, by far the
+largest input, is checked from the row norms the fused paths compute anyway
+(``check_weight_norms``) instead of by a pass of its own.
 """
 from __future__ import annotations
 
@@ -61,13 +63,19 @@ def check_args(embeddings: Tensor, weight: Tensor, labels: Tensor, margin: Margi
 
 
 def check_values(
-    embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, *, num_classes: int | None = None
+    embeddings: Tensor, weight: Tensor | None, labels: Tensor, ignore_index: int, *, num_classes: int | None = None
 ) -> None:
-    """Labels in [0, num_classes) or == ignore_index; no NaN/Inf in embeddings or weight.
+    """Labels in [0, num_classes) or == ignore_index; every row of embeddings and
+    weight finite with a norm inside float32's range.
 
-    ``num_classes`` defaults to weight's row count (PartialFC passes the global one).
+    ``num_classes`` defaults to weight's row count (PartialFC passes the global
+    one). ``weight=None`` skips the weight: the fused paths check it from the row
+    norms they compute anyway (``check_weight_norms``), saving a pass over C x D.
     """
-    num_classes = weight.shape[0] if num_classes is None else num_classes
+    if num_classes is None:
+        if weight is None:
+            raise TypeError("check_values: pass num_classes when weight is None")
+        num_classes = weight.shape[0]
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
@@ -75,16 +83,41 @@ def check_values(
             f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; "
             f"row {row} has label {int(labels[row])}"
         )
-    if not _all_finite(embeddings):
-        raise ValueError("embeddings contain NaN or Inf")
-    if not _all_finite(weight):
-        raise ValueError("weight contains NaN or Inf")
+    _check_row_norms("embeddings", embeddings)
+    if weight is not None:
+        _check_row_norms("weight", weight)
 
 
-def _all_finite(t: Tensor) -> bool:
-    """NaN propagates through min/max and +-Inf is an extreme: two scalars answer it,
-    where isfinite(t).all() would allocate a mask as large as t (C x D for weight)."""
+def _check_row_norms(name: str, t: Tensor) -> None:
+    """A row norm is NaN or Inf exactly when the row holds a NaN or Inf or its
+    squares overflow; both would normalize to garbage. Costs one read of t and
+    B (or C) floats: no mask as large as t."""
     if t.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(t)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+        return
+    norms = torch.linalg.vector_norm(t, dim=1, dtype=None if t.dtype == torch.float64 else torch.float32)
+    bad = ~torch.isfinite(norms)
+    if bool(bad.any()):
+        raise ValueError(describe_bad_row(name, t, int(bad.nonzero()[0, 0])))
+
+
+def bad_norm_rows(w_inv: Tensor) -> Tensor:
+    """Flags of the rows whose 1/max(||w_j||, eps) betrays a bad row: NaN (a NaN
+    in the row) or 0 (an Inf, or squares that overflow). Good rows have w_inv in
+    (0, 1/eps]."""
+    return ~(w_inv > 0)
+
+
+def check_weight_norms(w_inv: Tensor, weight: Tensor, class_index: Tensor | None = None) -> None:
+    """check_values' weight check, from the row norms a fused backend computed
+    (of the rows ``class_index`` selects, when given)."""
+    bad = bad_norm_rows(w_inv)
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0, 0])
+        raise ValueError(describe_bad_row("weight", weight, position if class_index is None
+                                          else int(class_index[position])))
+
+
+def describe_bad_row(name: str, t: Tensor, row: int) -> str:
+    if bool(torch.isfinite(t[row]).all()):
+        return f"{name} row {row} has a norm beyond the float32 range (its squares overflow)"
+    return f"{name} row {row} contains NaN or Inf"

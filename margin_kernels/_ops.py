@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._checks import check_values
+from ._checks import check_values, check_weight_norms
 
 
 def _labels_local(labels: Tensor, ignore_index: int) -> Tensor:
@@ -30,12 +30,17 @@ def margin_ce_rows(
     workspace_bytes: int,
     check: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss per row, logsumexp per row, 1/||w_j||) of the fused loss."""
+    """(loss per row, logsumexp per row, 1/||w_j||) of the fused loss.
+
+    ``check``: validate labels and x_hat here (under torch.compile, where the
+    caller cannot); weight is always checked, from its row norms.
+    """
     if check:
-        check_values(x_hat, weight, labels, ignore_index)
+        check_values(x_hat, None, labels, ignore_index, num_classes=weight.shape[0])
     kernels = backends.load(backend)
     labels_local = _labels_local(labels, ignore_index)
     w_inv = kernels.row_inv_norms(weight)
+    check_weight_norms(w_inv, weight)
     lse = kernels.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_bytes)
     loss = torch.where(labels_local >= 0, lse - target_logit, torch.zeros_like(lse))
     return loss, lse, w_inv
@@ -104,6 +109,7 @@ class FusedReducedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_hat, weight, labels_local, target_logit, target_slope, row_scale, s, kernels, workspace_bytes):
         w_inv = kernels.row_inv_norms(weight)
+        check_weight_norms(w_inv, weight)
         lse, dx_hat, dw = kernels.fused_forward_backward(
             x_hat, weight, w_inv, labels_local, target_logit, target_slope, row_scale, s, workspace_bytes
         )

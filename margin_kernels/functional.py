@@ -90,8 +90,9 @@ def margin_cross_entropy(
     if name != "reference" and embeddings.dtype not in FUSED_DTYPES:
         raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 inputs, got {embeddings.dtype}")
     compiling = torch.compiler.is_compiling()
-    if not compiling:
-        check_values(embeddings, weight, labels, ignore_index)
+    if not compiling:  # the fused paths check weight from its row norms
+        check_values(embeddings, weight if name == "reference" else None, labels, ignore_index,
+                     num_classes=weight.shape[0])
 
     flags = dict(overflow=margin.overflow, easy_margin=margin.easy_margin, detach_margin=margin.detach_margin)
 

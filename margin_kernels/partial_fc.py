@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _shard_io, backends, reference
-from ._checks import FUSED_DTYPES, check_values
+from ._checks import FUSED_DTYPES, bad_norm_rows, check_values, describe_bad_row
 from .margins import CombinedMargin, Margin, RowMargins, target_logit
 
 __all__ = ["PartialFC", "class_split"]
@@ -95,10 +95,18 @@ class _ShardedMarginLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_hat, weight, labels_local, target, slope, valid, class_index, s, kernels, group, workspace):
         w_inv = kernels.row_inv_norms(weight, class_index=class_index)
+        bad_rows = bad_norm_rows(w_inv)
         lse_local = kernels.lse_forward(x_hat, weight, w_inv, labels_local, target, s, workspace, class_index=class_index)
         row_max = group.all_reduce(lse_local.clone(), "max")
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        total = group.all_reduce(torch.exp(lse_local - row_max))
+        # The SUM all-reduce also carries one flag per rank for NaN/Inf weight
+        # rows, so a bad shard raises on every rank instead of hanging the others.
+        flags = torch.zeros(group.size, device=lse_local.device)
+        flags[group.rank] = bad_rows.any().float()
+        summed = group.all_reduce(torch.cat([torch.exp(lse_local - row_max), flags]))
+        total, flags = summed[: lse_local.shape[0]], summed[lse_local.shape[0] :]
+        if bool(flags.any()):
+            _raise_bad_weight(weight, bad_rows, class_index, flags, group)
         lse = row_max + total.log()
         count = valid.sum().clamp_min(1).float()
         loss = torch.where(valid, lse - target, torch.zeros_like(lse)).sum() / count
@@ -125,6 +133,17 @@ class _ShardedMarginLoss(torch.autograd.Function):
         return dx_hat, dw, None, None, None, None, None, None, None, None, None
 
 
+def _raise_bad_weight(weight: Tensor, bad_rows: Tensor, class_index: Tensor | None, flags: Tensor,
+                      group: _Group) -> None:
+    ranks = flags.nonzero().flatten().tolist()
+    here = ""
+    if bool(bad_rows.any()):
+        position = int(bad_rows.nonzero()[0, 0])
+        row = position if class_index is None else int(class_index[position])
+        here = f"; here: local {describe_bad_row('weight', weight, row)}"
+    raise ValueError(f"PartialFC: bad weight rows (NaN/Inf or overflowing norms) on rank(s) {ranks}{here}")
+
+
 class PartialFC(nn.Module):
     """Margin-softmax classifier whose classes are sharded over a process group.
 
@@ -149,7 +168,8 @@ class PartialFC(nn.Module):
     gradient ever exists; unsampled rows get a zero gradient, as in insightface's
     PartialFC_V2, so an optimizer with momentum or weight decay still moves them.
     ``last_sampled_index`` holds the rows the last step used, for a rows-only
-    optimizer update. (Gradient hooks registered on ``weight`` do not see these
+    optimizer update. A NaN/Inf weight row raises (on every rank) in the step
+    that reads it. (Gradient hooks registered on ``weight`` do not see these
     sampled-step gradients.)
 
     Checkpoints load at any world size. ``state_dict()`` holds the full [C, D]
@@ -271,7 +291,8 @@ class PartialFC(nn.Module):
                                  f"{embeddings.device} and {labels.device}")
             if backends.resolve(self.backend, self.weight.device) == "reference":
                 raise ValueError("PartialFC needs a fused backend ('cpp' on CPU, 'triton' on CUDA)")
-            check_values(embeddings, self.weight, labels, ignore_index=-1, num_classes=self.num_classes)
+            # weight: checked in the loss, from the row norms of the classes it reads
+            check_values(embeddings, None, labels, ignore_index=-1, num_classes=self.num_classes)
         except (TypeError, ValueError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
         n = embeddings.shape[0] if isinstance(embeddings, Tensor) and embeddings.dim() >= 1 else 0

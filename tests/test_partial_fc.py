@@ -91,6 +91,15 @@ def _world2(rank, world, ckpt_path, sharded_dir):
         torch.save(state, ckpt_path)
     out["exported"] = pfc.full_weight(dst=0)
     out["exported_on_1"] = pfc.full_weight(dst=1)
+    nan_pfc = mk.PartialFC(D, C, MARGIN)
+    if rank == 1:
+        with torch.no_grad():
+            nan_pfc.weight[2, 5] = float("nan")
+    try:
+        nan_pfc(torch.randn(5, D), torch.randint(0, C, (5,)))
+        out["nan"] = "no error"
+    except ValueError as exc:
+        out["nan"] = str(exc)
     trained_pfc, opt = trained(rank, [9, 9])
     trained_pfc.save_sharded(sharded_dir, opt)
     out["trained"] = trained_pfc.weight.detach().clone()
@@ -160,6 +169,8 @@ def test_two_and_three_ranks(tmp_path):
     # Bad input on one rank raises on every rank, naming it, instead of hanging.
     assert all("rank(s) [1]" in r["bad"] for r in r2)
     assert "labels must be in [0, 103)" in r2[1]["bad"]
+    assert all("bad weight rows (NaN/Inf or overflowing norms) on rank(s) [1]" in r["nan"] for r in r2)
+    assert "local weight row 2 contains NaN or Inf" in r2[1]["nan"]
 
     # Checkpoint saved at world size 2: the full matrix, exported on rank 0 only.
     saved = torch.load(ckpt)["weight"]
@@ -199,6 +210,26 @@ def test_bad_input_single_process():
         pfc(torch.randn(4, D, device="meta"), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="sample_rate must be in"):
         mk.PartialFC(D, C, MARGIN, sample_rate=0.0)
+    with pytest.raises(ValueError, match="embeddings row 1 contains NaN or Inf"):
+        pfc(torch.randn(4, D).index_fill(0, torch.tensor([1]), float("inf")), torch.zeros(4, dtype=torch.long))
+    with torch.no_grad():
+        pfc.weight[7, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"on rank\(s\) \[0\]; here: local weight row 7 contains NaN or Inf"):
+        pfc(torch.randn(4, D), torch.zeros(4, dtype=torch.long))
+
+
+def test_sampled_step_checks_the_rows_it_reads():
+    """With sampling, a bad weight row is reported when a step reads it."""
+    pfc = mk.PartialFC(D, C, MARGIN, sample_rate=0.1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pfc.weight[50] = float("nan")
+    x = torch.randn(4, D)
+    with pytest.raises(ValueError, match="local weight row 50 contains NaN"):
+        pfc(x, torch.tensor([1, 50, 2, 3]))  # 50 is a positive: always sampled
+    pfc.generator.manual_seed(0)
+    loss = pfc(x, torch.tensor([1, 4, 2, 3]))
+    assert 50 not in pfc.last_sampled_index.tolist()  # (this seed's sample)
+    assert torch.isfinite(loss)
 
 
 def test_from_insightface_maps_their_combined_margin_loss():

@@ -96,7 +96,9 @@ Tensor row_inv_norms(const Tensor& weight, double eps) {
           const float v = static_cast<float>(p[j * d + k]);
           acc += v * v;
         }
-        o[j] = 1.0f / std::max(std::sqrt(acc), static_cast<float>(eps));
+        // NaN stays NaN (a NaN row), Inf gives 0: the callers' NaN check reads these.
+        const float norm = std::sqrt(acc);
+        o[j] = 1.0f / (norm < static_cast<float>(eps) ? static_cast<float>(eps) : norm);
       }
     });
   });

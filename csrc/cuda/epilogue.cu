@@ -65,7 +65,9 @@ __global__ void normalize_rows_kernel(const T* __restrict__ x, int64_t dim, int6
     const float v = to_float(row[k]);
     acc += v * v;
   }
-  const float r = 1.0f / fmaxf(sqrtf(block_reduce<false>(acc, scratch)), eps);
+  // Not fmaxf, which drops a NaN: a NaN norm must reach the callers' NaN check.
+  const float norm = sqrtf(block_reduce<false>(acc, scratch));
+  const float r = 1.0f / (norm < eps ? eps : norm);
   if (threadIdx.x == 0) inv[blockIdx.x] = r;
   if (x_hat != nullptr) {
     for (int64_t k = threadIdx.x; k < dim; k += kThreads) x_hat[blockIdx.x * dim + k] = to_float(row[k]) * r;

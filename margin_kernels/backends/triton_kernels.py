@@ -163,7 +163,8 @@ def lse_backward_kernel(
 @triton.jit
 def row_inv_norm_kernel(W, CLASS_INDEX, OUT, C, D, stride_w, eps,
                         HAS_INDEX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """OUT[j] = 1 / max(||W[index[j]]||, eps) in fp32."""
+    """OUT[j] = 1 / max(||W[index[j]]||, eps) in fp32; NaN for a row with a NaN,
+    0 for one with an Inf."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = rows < C
     if HAS_INDEX:
@@ -176,7 +177,9 @@ def row_inv_norm_kernel(W, CLASS_INDEX, OUT, C, D, stride_w, eps,
         v = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=ok[:, None] & (ks < D)[None, :], other=0.0)
         v = v.to(tl.float32)
         acc += tl.sum(v * v, axis=1)
-    tl.store(OUT + rows, 1.0 / tl.maximum(tl.sqrt(acc), eps), mask=ok)
+    norm = tl.sqrt(acc)
+    # not tl.maximum: a NaN norm must stay NaN (the callers' NaN check reads it)
+    tl.store(OUT + rows, 1.0 / tl.where(norm < eps, eps, norm), mask=ok)
 
 
 @triton.jit
