@@ -37,14 +37,49 @@ def test_argument_errors_exit_nonzero_with_a_clear_message(args, message):
 @requires_cpp
 def test_tiny_run_end_to_end(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run_cli("--size", "tiny", "--backends", "reference", "cpp", "gemm-floor", "--repeat", "1", "--json", str(out))
+    proc = run_cli("--size", "tiny", "--backends", "reference", "cpp", "gemm-floor", "cpp-gemms", "--repeat", "1",
+                   "--json", str(out))
     assert proc.returncode == 0, proc.stderr
     assert "implementation" in proc.stdout and "reference" in proc.stdout and "cpp" in proc.stdout
+    assert "cpp / cpp-gemms = " in proc.stdout and "cpp / gemm-floor = " in proc.stdout
     data = json.loads(out.read_text())
     rows = data["results"]
-    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
     cpp_rows = [r for r in rows if r["case"]["impl"] == "cpp"]
     assert all(r["time_ms"] > 0 and r["workspace_bytes"] is not None for r in cpp_rows)
+
+
+@requires_cpp
+@pytest.mark.parametrize("classes", [300, 400_000], ids=["row-chunked", "class-blocked"])
+def test_cpp_gemms_follow_the_path_cpp_takes(classes, monkeypatch):
+    """cpp-gemms runs the GEMMs of the path cpp picks: all classes per row chunk
+    for the shortcut, class blocks otherwise (patched mm records the shapes)."""
+    import torch
+
+    from margin_kernels import backends
+
+    b = 200
+    x, w = torch.randn(b, 8), torch.randn(classes, 8, requires_grad=True)
+    shapes = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: shapes.append((tuple(a.shape), tuple(b.shape))) or real_mm(a, b, **kw))
+    bench.make_step("cpp-gemms", "arcface", x, w, torch.zeros(b, dtype=torch.long))()
+    fused = backends.load("cpp").prefers_fused(w, b, backends.DEFAULT_WORKSPACE_BYTES)
+    assert fused == (classes == 300)
+    if fused:
+        assert shapes[0] == ((b, 8), (8, classes))
+    else:
+        k = backends.load("cpp").block_classes(b, 8, False, backends.DEFAULT_WORKSPACE_BYTES)
+        assert k < classes and ((b, 8), (8, k)) in shapes
+
+
+def test_overheads_line_divides_by_the_bare_gemms():
+    case = lambda impl: bench.Case(impl, 8, 4, 1000)  # noqa: E731
+    results = [bench.Result(case("cpp"), times_ms=[3.0]), bench.Result(case("cpp-gemms"), times_ms=[2.0]),
+               bench.Result(case("gemm-floor"), times_ms=[1.5])]
+    text = bench.format_overheads(results)
+    assert "cpp / gemm-floor = 2.00x" in text and "cpp / cpp-gemms = 1.50x" in text
+    assert bench.format_overheads(results[:1]) == ""
 
 
 def test_table_puts_the_baseline_and_ratios_side_by_side():

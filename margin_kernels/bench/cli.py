@@ -24,8 +24,8 @@ import sys
 from dataclasses import asdict
 
 from .memory import mem_available
-from .report import Progress, format_scale, format_table, mib, plot, useful_tflops
-from .steps import BASELINES, FLOOR
+from .report import Progress, format_overheads, format_scale, format_table, mib, plot, useful_tflops
+from .steps import BASELINES, CPP_GEMMS, FLOOR, FLOORS
 from .worker import Case, Result, run_case, spawn
 
 SIZES = {
@@ -43,8 +43,8 @@ def available_impls(device: str, margin: str) -> list[str]:
     impls = ["reference", "insightface"]
     if margin == "none":
         impls.append("torch-linear-ce")
-    impls += [b for b in ("cpp", "triton") if backends.is_available(b) and _backend_runs_on(b, device)]
-    return impls + [FLOOR]
+    fused = [b for b in ("cpp", "triton") if backends.is_available(b) and _backend_runs_on(b, device)]
+    return impls + fused + [FLOOR] + ([CPP_GEMMS] if "cpp" in fused else [])
 
 
 def _backend_runs_on(name: str, device: str) -> bool:
@@ -76,7 +76,7 @@ def scale_search(args) -> list[tuple[str, int, Result | None]]:
     """Most classes each implementation fits in ``--budget-gib`` (total memory of the
     step: inputs, weights, their gradients and workspace): doubling, then bisection."""
     budget = int(args.budget_gib * 2**30)
-    impls = [i for i in (args.backends or available_impls(args.device, args.margin)) if i != FLOOR]
+    impls = [i for i in (args.backends or available_impls(args.device, args.margin)) if i not in FLOORS]
     found = []
     for impl in impls:
 
@@ -138,7 +138,7 @@ def parse_args(argv=None):
         p.error(f"--classes must all be >= 1, got {args.classes}")
     if args.budget_gib <= 0:
         p.error("--budget-gib must be > 0")
-    known = set(BASELINES) | {FLOOR, "cpp", "triton"}
+    known = set(BASELINES) | set(FLOORS) | {"cpp", "triton"}
     for b in args.backends or []:
         if b not in known:
             p.error(f"unknown implementation {b!r}; choose from {sorted(known)}")
@@ -183,7 +183,11 @@ def main(argv=None) -> int:
         results = run_sweep(args)
         print(format_table(results))
         print("speedup = naive time / time; TFLOP/s counts 6 B D C useful FLOPs; workspace = peak memory beyond "
-              f"inputs and gradient outputs; {FLOOR} = the three bare GEMMs (time floor).")
+              f"inputs and gradient outputs; {FLOOR} = the three bare GEMMs any exact loss needs (time floor); "
+              f"{CPP_GEMMS} = the GEMMs cpp runs here, at its block sizes, without its epilogues.")
+        overheads = format_overheads(results)
+        if overheads:
+            print(overheads)
         payload = [dict(asdict(r), time_ms=r.time_ms, tflops=useful_tflops(r) if r.time_ms else None)
                    for r in results]
         if args.plot:

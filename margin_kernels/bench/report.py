@@ -62,6 +62,19 @@ def format_table(results: list[Result], naive: str = "reference") -> str:
     return "\n".join(lines)
 
 
+def format_overheads(results: list[Result]) -> str:
+    """Time of each fused backend over the bare GEMMs, per C: cpp and triton over
+    the three-GEMM floor, and cpp over its own four block GEMMs (its epilogue cost)."""
+    pairs = [("cpp", "gemm-floor"), ("cpp", "cpp-gemms"), ("triton", "gemm-floor")]
+    ok = {(r.case.impl, r.case.classes): r.time_ms for r in results if r.status == "ok"}
+    lines = []
+    for c in dict.fromkeys(r.case.classes for r in results):
+        ratios = [f"{a} / {b} = {ok[a, c] / ok[b, c]:.2f}x" for a, b in pairs if (a, c) in ok and (b, c) in ok]
+        if ratios:
+            lines.append(f"  C={c:,}: " + ", ".join(ratios))
+    return "time over bare GEMMs:\n" + "\n".join(lines) if lines else ""
+
+
 def plot(results: list[Result], path: str, title: str) -> None:
     try:
         import matplotlib

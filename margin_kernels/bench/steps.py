@@ -3,6 +3,8 @@ each written here from its published algorithm, as one fwd+bwd step."""
 from __future__ import annotations
 
 FLOOR = "gemm-floor"
+CPP_GEMMS = "cpp-gemms"
+FLOORS = (FLOOR, CPP_GEMMS)  # bare GEMMs: timed, but no memory or loss of their own
 BASELINES = ("reference", "insightface", "torch-linear-ce")
 
 
@@ -64,6 +66,65 @@ def make_step(impl: str, margin_name: str, x, w, y):
                 dz @ w
                 dz.t() @ x
 
+    elif impl == CPP_GEMMS:
+        step = _cpp_gemms_step(x, w)
+
     else:
         raise ValueError(f"unknown implementation {impl!r}")
+    return step
+
+
+def _cpp_gemms_step(x, w):
+    """The GEMMs the cpp backend runs for this problem, at its block sizes and
+    operand types, with no epilogue. Class-blocked sweep: forward logits per
+    block, then per block the recomputed logits, dx += dz W_blk and
+    dW_blk = dz^T x. Row-chunked shortcut (where cpp prefers it): per row chunk
+    the logits over all classes, dx = e W and dW += e^T x. cpp's time over this
+    one is what its epilogues, norms and margins cost."""
+    import torch
+
+    from margin_kernels import backends
+
+    cpp = backends.load("cpp")
+    workspace = backends.DEFAULT_WORKSPACE_BYTES
+    batch, dim, classes = x.shape[0], x.shape[1], w.shape[0]
+    on_cuda = x.device.type == "cuda"
+    # CUDA: operands in the input dtype, fp32 out (cuBLAS); CPU: fp32 blocks.
+    op_dtype = x.dtype if on_cuda else torch.float32
+    x_op = x.detach().to(op_dtype)
+
+    def mm(a, b):
+        return torch.mm(a, b) if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
+
+    if cpp.prefers_fused(w, batch, workspace):
+        rows = min(cpp.block_rows(classes, workspace), batch)
+        e = torch.randn(rows, classes, device=x.device)
+
+        def step():
+            with torch.no_grad():
+                dw = torch.zeros(classes, dim, device=x.device)
+                for r0 in range(0, batch, rows):
+                    x_blk = x_op[r0 : r0 + rows]
+                    e_blk = e[: x_blk.shape[0]]
+                    torch.mm(x_blk, w.t(), out=e_blk)
+                    mm(e_blk, w)
+                    dw.addmm_(e_blk.t(), x_blk)
+
+        return step
+
+    k = min(cpp.block_classes(batch, dim, w.dtype != torch.float32, workspace), classes)
+    dz = torch.randn(batch, k, device=x.device).to(op_dtype)
+
+    def step():
+        with torch.no_grad():
+            for c0 in range(0, classes, k):
+                mm(x_op, w[c0 : c0 + k].to(op_dtype).t())
+            dx = torch.zeros(batch, dim, device=x.device)
+            for c0 in range(0, classes, k):
+                w_blk = w[c0 : c0 + k].to(op_dtype)
+                d = dz[:, : w_blk.shape[0]]
+                mm(x_op, w_blk.t())
+                dx += mm(d, w_blk)
+                mm(d.t(), x_op)
+
     return step

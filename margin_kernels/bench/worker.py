@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .memory import reset_peak, rss_status
-from .steps import FLOOR, make_step, margin_spec
+from .steps import FLOORS, make_step, margin_spec
 
 
 @dataclass
@@ -102,7 +102,7 @@ def run_case(case: Case) -> Result:
             step()
             extra = rss_status("VmHWM") - before
             before -= base_rss  # for the total: what the inputs added
-        if case.impl != FLOOR:
+        if case.impl not in FLOORS:
             result.workspace_bytes = max(extra - grad_bytes, 0)
             result.total_bytes = extra + (before if device.type == "cpu" else input_bytes)
         for _ in range(case.repeat):
