@@ -181,8 +181,10 @@ def main(argv=None) -> int:
         payload = [dict(impl=i, max_classes=c) for i, c, _ in found]
     else:
         results = run_sweep(args)
-        print(format_table(results))
-        print("speedup = naive time / time; TFLOP/s counts 6 B D C useful FLOPs; workspace = peak memory beyond "
+        impls_run = [r.case.impl for r in results]
+        naive = "reference" if "reference" in impls_run else impls_run[0]
+        print(format_table(results, naive=naive))
+        print(f"speedup = {naive} time / time; TFLOP/s counts 6 B D C useful FLOPs; workspace = peak memory beyond "
               f"inputs and gradient outputs; {FLOOR} = the three bare GEMMs any exact loss needs (time floor); "
               f"{CPP_GEMMS} = the GEMMs cpp runs here, at its block sizes, without its epilogues.")
         overheads = format_overheads(results)
