@@ -48,7 +48,7 @@ if [[ "$PHASE" == "bench" || "$PHASE" == "all" ]]; then
   [[ "$PHASE" == "all" ]] && batches=(256 1024)
   for b in "${batches[@]}"; do
     bench "bench_b$b" --batch "$b" --classes "${classes[@]}" --repeat 5 \
-      --backends reference insightface triton cpp gemm-floor cpp-gemms --plot "$OUT/bench_b$b.png"
+      --backends reference insightface triton triton-split cpp gemm-floor cpp-gemms --plot "$OUT/bench_b$b.png"
     bench "bench_nomargin_b$b" --batch "$b" --classes "${classes[@]}" --repeat 5 --margin none \
       --backends torch-linear-ce triton cpp gemm-floor
   done

@@ -20,6 +20,24 @@ HALF_TOL = {"loss": 1e-2 if ON_GPU else 1e-5, "grad": 3e-2 if ON_GPU else 1e-2}
 SHAPE = (37, 72, 1000)  # odd: no dimension a multiple of any block
 
 
+@pytest.fixture(autouse=True, params=["atomic", "split"])
+def backward_strategy(request, monkeypatch):
+    """Every test runs with both backward strategies (MARGIN_KERNELS_TRITON_BACKWARD)."""
+    from margin_kernels.backends import triton_backend as tb
+
+    monkeypatch.setattr(tb, "BACKWARD", request.param)
+    return request.param
+
+
+def test_unknown_backward_strategy_is_a_clear_error(monkeypatch):
+    from margin_kernels.backends import triton_backend as tb
+
+    monkeypatch.setattr(tb, "BACKWARD", "atomics")
+    x, w, y = make_problem(4, 8, 10)
+    with pytest.raises(ValueError, match="MARGIN_KERNELS_TRITON_BACKWARD must be one of"):
+        loss_and_grads(*(t.to(DEVICE) for t in (x, w, y)), mk.ArcFace(), backend="triton")
+
+
 def compare(x, w, y, margin, tol=FP32_TOL, half=False, **kwargs):
     ref = loss_and_grads(x.float(), w.float(), y, margin, backend="reference", **kwargs)
     dev = [t.to(DEVICE) for t in (x, w, y)]

@@ -32,7 +32,8 @@ _POINTERS = {"W_INV": "*fp32", "LABELS": "*i64", "TARGET": "*fp32", "CLASS_INDEX
              "PART_SUM": "*fp32", "SLOPE": "*fp32", "LSE": "*fp32", "GRAD": "*fp32", "DX": "*fp32", "DW": "*fp32"}
 _SCALARS = {"B": "i32", "C": "i32", "D": "i32", "stride_x": "i32", "stride_w": "i32", "scale": "fp32"}
 _DIVISIBLE_BY_16 = ("D", "stride_x", "stride_w")
-KERNELS = {"fwd": K.lse_forward_kernel, "bwd": K.lse_backward_kernel}
+KERNELS = {"fwd": K.lse_forward_kernel, "bwd": K.lse_backward_kernel, "bwd_dw": K.lse_backward_dw_kernel,
+           "bwd_dx": K.lse_backward_dx_kernel}
 
 
 def _ptxas() -> str | None:

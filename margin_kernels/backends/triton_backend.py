@@ -26,8 +26,14 @@ from ..reference import NORM_EPS
 # float32 inputs: full-precision fp32 dots by default (the 1e-5 contract); set
 # MARGIN_KERNELS_TF32=1 to trade ~3e-4 relative error for tensor-core speed.
 ALLOW_TF32 = os.environ.get("MARGIN_KERNELS_TF32", "0") == "1"
-# Class splits per row tile in the forward, so that few row tiles still fill the GPU.
+# Class splits per row tile in the forward (and the split backward's dx), so that
+# few row tiles still fill the GPU.
 FORWARD_PROGRAMS = 1024
+# How the backward accumulates: "atomic" (one kernel, fp32 atomics into dx and dW)
+# or "split" (a dW kernel without atomics and a dx kernel, each recomputing the
+# logits). Which wins is a matter of atomic throughput against 2 B D C more FLOPs.
+BACKWARDS = ("atomic", "split")
+BACKWARD = os.environ.get("MARGIN_KERNELS_TRITON_BACKWARD", "atomic")
 
 
 def unavailable_reason() -> str | None:
@@ -103,19 +109,29 @@ def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_b
 
 def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, s, lse, grad_rows,
                  workspace_bytes, class_index=None):
-    """(dx_hat fp32 [B, D], dW [C or K, D] in weight's dtype)."""
+    """(dx_hat fp32 [B, D], dW [C or K, D] in weight's dtype), by the strategy in
+    ``BACKWARD`` (env MARGIN_KERNELS_TRITON_BACKWARD)."""
+    if BACKWARD not in BACKWARDS:
+        raise ValueError(f"MARGIN_KERNELS_TRITON_BACKWARD must be one of {BACKWARDS}, got {BACKWARD!r}")
     _check(x_hat, weight)
     b, d = x_hat.shape
     c = _num_classes(weight, class_index)
     dx = torch.zeros(b, d, dtype=torch.float32, device=x_hat.device)
-    acc = torch.zeros(c, d, dtype=torch.float32, device=x_hat.device)
+    acc = (torch.zeros if BACKWARD == "atomic" else torch.empty)(c, d, dtype=torch.float32, device=x_hat.device)
     if b > 0 and c > 0:
-        grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]))  # noqa: E731
-        K.lse_backward_kernel[grid](
-            _operand(x_hat, weight), weight, w_inv, labels_local, target_logit, target_slope, lse,
-            grad_rows.float().contiguous(), _index_arg(weight, class_index), dx, acc,
-            b, c, d, x_hat.shape[1], weight.stride(0), float(s), **_flags(weight, class_index),
-        )
+        args = (_operand(x_hat, weight), weight, w_inv, labels_local, target_logit, target_slope, lse,
+                grad_rows.float().contiguous(), _index_arg(weight, class_index))
+        sizes = (b, c, d, x_hat.shape[1], weight.stride(0), float(s))
+        flags = _flags(weight, class_index)
+        if BACKWARD == "atomic":
+            grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]))  # noqa: E731
+            K.lse_backward_kernel[grid](*args, dx, acc, *sizes, **flags)
+        else:
+            grid_dw = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
+            K.lse_backward_dw_kernel[grid_dw](*args, acc, *sizes, **flags)
+            K.lse_backward_dx_kernel[_dx_grid(b, c, d)](*args, dx, *sizes, **flags)
+    elif BACKWARD == "split":
+        acc.zero_()
     # fp32 weights: project in place; others: one cast at the end (the fp32
     # accumulator is then extra C x D x 4 bytes).
     dw = acc if weight.dtype == torch.float32 else torch.empty(c, d, dtype=weight.dtype, device=weight.device)
@@ -125,3 +141,15 @@ def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope,
             HAS_INDEX=class_index is not None, BLOCK_D=triton.next_power_of_2(d),
         )
     return dx, dw
+
+
+def _dx_grid(b: int, c: int, d: int):
+    """(row tiles, class splits, D chunks) of the split backward's dx kernel:
+    enough class splits to fill the GPU, each an fp32 atomic add of its partial."""
+
+    def grid(meta):
+        tiles = triton.cdiv(b, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"])
+        splits = max(1, min(triton.cdiv(FORWARD_PROGRAMS, tiles), triton.cdiv(c, meta["BLOCK_N"])))
+        return triton.cdiv(b, meta["BLOCK_M"]), splits, triton.cdiv(d, meta["BLOCK_D"])
+
+    return grid

@@ -1,6 +1,8 @@
 """Triton kernels of the margin loss: a fused forward (GEMM tile + margin + online
-logsumexp per class split), a fused backward (recomputed tile -> dz -> dx and dW
-through fp32 atomics), and the small row-norm / projection kernels.
+logsumexp per class split); two fused backwards, one kernel with fp32 atomics for
+dx and dW (recomputed tile -> dz -> both products) or a split into a dW kernel
+(no atomics) and a dx kernel (one atomic add per class split), which recompute
+the logits once each; and the small row-norm / projection kernels.
 
 Every kernel reads class rows through an optional ``class_index`` so that a
 sampled subset of W is used without copying it. Under ``TRITON_INTERPRET=1``
@@ -18,15 +20,32 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
-    if interpret:  # the interpreter pays per block op: few, large tiles
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)]
-    if kind == "bwd":  # the backward holds two accumulators per D chunk: smaller tiles
-        shapes = [(64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 128, 32, 8, 2)]
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-        for m, n, k, w, s in shapes
-    ]
+    """Autotune candidates per kernel kind: fwd, bwd (atomic), bwd_dw and bwd_dx
+    (the split backward, whose tiles also carry a D chunk, BLOCK_D)."""
+    if interpret:  # the interpreter pays per block op: few, large tiles (BLOCK_D < 72: D chunks get tested)
+        meta = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}
+        if kind in ("bwd_dw", "bwd_dx"):
+            meta["BLOCK_D"] = 64
+        return [triton.Config(meta, num_warps=4, num_stages=1)]
+    shapes = {
+        "fwd": [(128, 128, 64, 0, 8, 3), (128, 256, 64, 0, 8, 3), (64, 128, 64, 0, 4, 4), (128, 64, 64, 0, 4, 4),
+                (64, 64, 64, 0, 4, 3)],
+        # two accumulators per D chunk: smaller tiles
+        "bwd": [(64, 128, 64, 0, 8, 3), (128, 64, 64, 0, 8, 3), (64, 64, 64, 0, 4, 3), (128, 128, 32, 0, 8, 2)],
+        # a [BLOCK_N, BLOCK_D] (dW) or [BLOCK_M, BLOCK_D] (dx) accumulator lives across the whole loop;
+        # a BLOCK_D below D recomputes the logits once per D chunk
+        "bwd_dw": [(64, 64, 64, 256, 8, 3), (64, 128, 64, 128, 8, 3), (128, 64, 64, 256, 8, 2),
+                   (64, 64, 64, 512, 8, 2)],
+        "bwd_dx": [(64, 64, 64, 256, 8, 3), (128, 64, 64, 128, 8, 3), (64, 128, 64, 256, 8, 2),
+                   (64, 64, 64, 512, 8, 2)],
+    }[kind]
+    configs = []
+    for m, n, k, d, w, st in shapes:
+        meta = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
+        if d:
+            meta["BLOCK_D"] = d
+        configs.append(triton.Config(meta, num_warps=w, num_stages=st))
+    return configs
 
 
 @triton.jit
@@ -67,6 +86,24 @@ def _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N: tl.constexpr, HAS_INDEX: tl.co
     else:
         w_rows = safe
     return cols, col_ok, w_rows
+
+
+@triton.jit
+def _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale):
+    """From a tile's raw logits: e = g s (p - onehot), times dt/dc at the target
+    column, divided by ||w_j|| (so that e . W and e^T . x_hat are the gradients
+    w.r.t. x_hat and w_hat / ||w||); zero outside the valid rows and columns."""
+    label = tl.load(LABELS + rows, mask=row_ok, other=-1)
+    target = tl.load(TARGET + rows, mask=row_ok, other=0.0)
+    slope = tl.load(SLOPE + rows, mask=row_ok, other=0.0)
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    coef = tl.load(GRAD + rows, mask=row_ok, other=0.0) * scale
+    inv = tl.load(W_INV + cols, mask=col_ok, other=0.0)
+    is_target = cols[None, :] == label[:, None]
+    z = tl.where(is_target, target[:, None], acc * (inv * scale)[None, :])
+    p = tl.exp(z - lse[:, None])
+    e = coef[:, None] * tl.where(is_target, (p - 1.0) * slope[:, None], p)
+    return tl.where(row_ok[:, None] & col_ok[None, :], e * inv[None, :], 0.0)
 
 
 @triton.autotune(configs=_configs("fwd"), key=["B", "C", "D"])  # D: the embedding size
@@ -123,20 +160,9 @@ def lse_backward_kernel(
     row_ok = rows < B
     safe_rows = tl.minimum(rows, B - 1)
     cols, col_ok, w_rows = _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
-    label = tl.load(LABELS + rows, mask=row_ok, other=-1)
-    target = tl.load(TARGET + rows, mask=row_ok, other=0.0)
-    slope = tl.load(SLOPE + rows, mask=row_ok, other=0.0)
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    coef = tl.load(GRAD + rows, mask=row_ok, other=0.0) * scale
-
     acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
-    inv = tl.load(W_INV + cols, mask=col_ok, other=0.0)
-    is_target = cols[None, :] == label[:, None]
-    z = tl.where(is_target, target[:, None], acc * (inv * scale)[None, :])
-    p = tl.exp(z - lse[:, None])
-    e = coef[:, None] * tl.where(is_target, (p - 1.0) * slope[:, None], p)
-    e = tl.where(row_ok[:, None] & col_ok[None, :], e * inv[None, :], 0.0)
+    e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale)
 
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -158,6 +184,85 @@ def lse_backward_kernel(
             dw = tl.dot(tl.trans(e_op), x_blk)
         tl.atomic_add(DX + rows[:, None] * D + ks[None, :], dx, mask=row_ok[:, None] & k_ok[None, :])
         tl.atomic_add(DW + cols[:, None] * D + ks[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
+
+
+@triton.autotune(configs=_configs("bwd_dw"), key=["B", "C", "D"])
+@triton.jit
+def lse_backward_dw_kernel(
+    X, W, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, CLASS_INDEX, DW,
+    B, C, D, stride_x, stride_w, scale,
+    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Split backward, dW half. Program (class tile, D chunk): sweep every row
+    tile, recompute the logits, and accumulate e^T . x_hat for its D chunk in
+    registers; one plain store at the end (no atomics: it owns those rows of dW)."""
+    pid_n = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    cols, col_ok, w_rows = _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    dw = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
+    for m0 in range(0, B, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < B
+        safe_rows = tl.minimum(rows, B - 1)
+        acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
+                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+        e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale)
+        x_blk = tl.load(X + safe_rows[:, None] * stride_x + ds[None, :], mask=d_ok[None, :], other=0.0)
+        if UPCAST:
+            x_blk = x_blk.to(tl.float32)
+            e_op = e
+        else:
+            e_op = e.to(x_blk.dtype)
+        if IEEE:
+            dw += tl.dot(tl.trans(e_op), x_blk, input_precision="ieee")
+        else:
+            dw += tl.dot(tl.trans(e_op), x_blk)
+    tl.store(DW + cols[:, None] * D + ds[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
+
+
+@triton.autotune(configs=_configs("bwd_dx"), key=["B", "C", "D"], reset_to_zero=["DX"])
+@triton.jit
+def lse_backward_dx_kernel(
+    X, W, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, CLASS_INDEX, DX,
+    B, C, D, stride_x, stride_w, scale,
+    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Split backward, dx half. Program (row tile, class split, D chunk): sweep
+    the split's class tiles, recompute the logits, accumulate e . W for its D
+    chunk in registers; one fp32 atomic add per split at the end (splits x B x D
+    in all, against (C / BLOCK_N) x B x D for the atomic backward)."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    n_splits = tl.num_programs(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < B
+    safe_rows = tl.minimum(rows, B - 1)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    dx = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    tiles = tl.cdiv(C, BLOCK_N)
+    per_split = tl.cdiv(tiles, n_splits)
+    for t in range(pid_s * per_split, tl.minimum((pid_s + 1) * per_split, tiles)):
+        cols, col_ok, w_rows = _tile_columns(t, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
+        acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
+                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+        e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale)
+        w_blk = tl.load(W + w_rows[:, None] * stride_w + ds[None, :], mask=d_ok[None, :], other=0.0)
+        if UPCAST:
+            w_blk = w_blk.to(tl.float32)
+            e_op = e
+        else:
+            e_op = e.to(w_blk.dtype)
+        if IEEE:
+            dx += tl.dot(e_op, w_blk, input_precision="ieee")
+        else:
+            dx += tl.dot(e_op, w_blk)
+    tl.atomic_add(DX + rows[:, None] * D + ds[None, :], dx, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit

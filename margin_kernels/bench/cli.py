@@ -25,7 +25,7 @@ from dataclasses import asdict
 
 from .memory import mem_available
 from .report import Progress, format_overheads, format_scale, format_table, mib, plot, useful_tflops
-from .steps import BASELINES, CPP_GEMMS, FLOOR, FLOORS
+from .steps import BASELINES, CPP_GEMMS, FLOOR, FLOORS, TRITON_SPLIT
 from .worker import Case, Result, run_case, spawn
 
 SIZES = {
@@ -44,7 +44,8 @@ def available_impls(device: str, margin: str) -> list[str]:
     if margin == "none":
         impls.append("torch-linear-ce")
     fused = [b for b in ("cpp", "triton") if backends.is_available(b) and _backend_runs_on(b, device)]
-    return impls + fused + [FLOOR] + ([CPP_GEMMS] if "cpp" in fused else [])
+    split = [TRITON_SPLIT] if "triton" in fused else []
+    return impls + fused + split + [FLOOR] + ([CPP_GEMMS] if "cpp" in fused else [])
 
 
 def _backend_runs_on(name: str, device: str) -> bool:
@@ -138,7 +139,7 @@ def parse_args(argv=None):
         p.error(f"--classes must all be >= 1, got {args.classes}")
     if args.budget_gib <= 0:
         p.error("--budget-gib must be > 0")
-    known = set(BASELINES) | set(FLOORS) | {"cpp", "triton"}
+    known = set(BASELINES) | set(FLOORS) | {"cpp", "triton", TRITON_SPLIT}
     for b in args.backends or []:
         if b not in known:
             p.error(f"unknown implementation {b!r}; choose from {sorted(known)}")
@@ -186,7 +187,8 @@ def main(argv=None) -> int:
         print(format_table(results, naive=naive))
         print(f"speedup = {naive} time / time; TFLOP/s counts 6 B D C useful FLOPs; workspace = peak memory beyond "
               f"inputs and gradient outputs; {FLOOR} = the three bare GEMMs any exact loss needs (time floor); "
-              f"{CPP_GEMMS} = the GEMMs cpp runs here, at its block sizes, without its epilogues.")
+              f"{CPP_GEMMS} = the GEMMs cpp runs here, at its block sizes, without its epilogues; "
+              f"{TRITON_SPLIT} = triton with MARGIN_KERNELS_TRITON_BACKWARD=split.")
         overheads = format_overheads(results)
         if overheads:
             print(overheads)

@@ -65,7 +65,7 @@ def format_table(results: list[Result], naive: str = "reference") -> str:
 def format_overheads(results: list[Result]) -> str:
     """Time of each fused backend over the bare GEMMs, per C: cpp and triton over
     the three-GEMM floor, and cpp over its own four block GEMMs (its epilogue cost)."""
-    pairs = [("cpp", "gemm-floor"), ("cpp", "cpp-gemms"), ("triton", "gemm-floor")]
+    pairs = [("cpp", "gemm-floor"), ("cpp", "cpp-gemms"), ("triton", "gemm-floor"), ("triton-split", "gemm-floor")]
     ok = {(r.case.impl, r.case.classes): r.time_ms for r in results if r.status == "ok"}
     lines = []
     for c in dict.fromkeys(r.case.classes for r in results):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 FLOOR = "gemm-floor"
 CPP_GEMMS = "cpp-gemms"
+TRITON_SPLIT = "triton-split"
 FLOORS = (FLOOR, CPP_GEMMS)  # bare GEMMs: timed, but no memory or loss of their own
 BASELINES = ("reference", "insightface", "torch-linear-ce")
 
@@ -46,6 +47,14 @@ def make_step(impl: str, margin_name: str, x, w, y):
 
         def step():
             mk.margin_cross_entropy(x, w, y, margin, backend=impl).backward()
+
+    elif impl == TRITON_SPLIT:  # the Triton backend with the split backward (no dW atomics)
+        from margin_kernels.backends import triton_backend
+
+        triton_backend.BACKWARD = "split"
+
+        def step():
+            mk.margin_cross_entropy(x, w, y, margin, backend="triton").backward()
 
     elif impl == "insightface":
 
