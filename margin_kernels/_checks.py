@@ -107,14 +107,21 @@ def bad_norm_rows(w_inv: Tensor) -> Tensor:
     return ~(w_inv > 0)
 
 
+def first_bad_weight_row(w_inv: Tensor, class_index: Tensor | None = None) -> int | None:
+    """The weight row of the first bad norm (mapped through ``class_index``), or None."""
+    bad = bad_norm_rows(w_inv)
+    if not bool(bad.any()):
+        return None
+    position = int(bad.nonzero()[0, 0])
+    return position if class_index is None else int(class_index[position])
+
+
 def check_weight_norms(w_inv: Tensor, weight: Tensor, class_index: Tensor | None = None) -> None:
     """check_values' weight check, from the row norms a fused backend computed
     (of the rows ``class_index`` selects, when given)."""
-    bad = bad_norm_rows(w_inv)
-    if bool(bad.any()):
-        position = int(bad.nonzero()[0, 0])
-        raise ValueError(describe_bad_row("weight", weight, position if class_index is None
-                                          else int(class_index[position])))
+    row = first_bad_weight_row(w_inv, class_index)
+    if row is not None:
+        raise ValueError(describe_bad_row("weight", weight, row))
 
 
 def describe_bad_row(name: str, t: Tensor, row: int) -> str:

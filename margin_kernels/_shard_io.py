@@ -81,12 +81,9 @@ def gather_full(pfc: "PartialFC", dst: int | None = None) -> Tensor | None:
 # ---------------------------------------------------------------------- sharded directory
 
 
-def _optimizer_state(pfc: "PartialFC", optimizer: torch.optim.Optimizer | None) -> dict[str, Any] | None:
-    if optimizer is None:
-        return None
-    if not any(p is pfc.weight for g in optimizer.param_groups for p in g["params"]):
+def _check_holds_weight(pfc: "PartialFC", optimizer: torch.optim.Optimizer | None) -> None:
+    if optimizer is not None and not any(p is pfc.weight for g in optimizer.param_groups for p in g["params"]):
         raise ValueError("optimizer does not hold this PartialFC's weight in its param_groups")
-    return optimizer.state.get(pfc.weight, {})
 
 
 def save_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -95,16 +92,16 @@ def save_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer |
     A collective: every rank calls it with the same ``path`` on a file system
     they share. Returns once every rank's file is complete.
     """
-    state = _optimizer_state(pfc, optimizer)
+    _check_holds_weight(pfc, optimizer)
     os.makedirs(path, exist_ok=True)
     start, end = pfc.class_start, pfc.class_start + pfc.num_local
-    shard_state = {}
-    for key, value in (state or {}).items():
-        # Per-class tensors (momentum, moments) are sliced like the weight; the
-        # rest (Adam's step) is the same on every rank.
-        shard_state[key] = value.detach().cpu() if isinstance(value, Tensor) else value
-    shard = {"start": start, "end": end, "weight": pfc.weight.detach().cpu(),
-             "optimizer": shard_state if optimizer is not None else None}
+    shard_state = None
+    if optimizer is not None:
+        # Per-class tensors (momentum, moments) are this shard's rows, like the
+        # weight; the rest (Adam's step) is the same on every rank.
+        shard_state = {key: value.detach().cpu() if isinstance(value, Tensor) else value
+                       for key, value in optimizer.state.get(pfc.weight, {}).items()}
+    shard = {"start": start, "end": end, "weight": pfc.weight.detach().cpu(), "optimizer": shard_state}
     _atomic_save(shard, os.path.join(path, _shard_name(start, end)))
     if pfc._group.rank == 0:
         _atomic_save({"format": FORMAT, "num_classes": pfc.num_classes, "embedding_size": pfc.embedding_size,
@@ -135,7 +132,7 @@ def load_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer |
     if (meta["num_classes"], meta["embedding_size"]) != expected:
         raise ValueError(f"{path}: checkpoint holds [{meta['num_classes']}, {meta['embedding_size']}] classes x dims, "
                          f"this PartialFC is {list(expected)}")
-    state = _optimizer_state(pfc, optimizer)
+    _check_holds_weight(pfc, optimizer)
 
     lo, hi = pfc.class_start, pfc.class_start + pfc.num_local
     covered = lo
@@ -164,7 +161,5 @@ def load_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer |
         covered = max(covered, b)
     if covered < hi:
         raise ValueError(f"{path}: no shard file holds classes [{covered}, {hi}) (a missing or partial checkpoint)")
-    if state is not None:
-        state.clear()
-        state.update(new_state)
-        optimizer.state[pfc.weight] = state
+    if optimizer is not None:
+        optimizer.state[pfc.weight] = new_state

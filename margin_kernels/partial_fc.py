@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _shard_io, backends, reference
-from ._checks import FUSED_DTYPES, bad_norm_rows, check_values, describe_bad_row
+from ._checks import FUSED_DTYPES, bad_norm_rows, check_values, describe_bad_row, first_bad_weight_row
 from .margins import CombinedMargin, Margin, RowMargins, target_logit
 
 __all__ = ["PartialFC", "class_split"]
@@ -95,18 +95,17 @@ class _ShardedMarginLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_hat, weight, labels_local, target, slope, valid, class_index, s, kernels, group, workspace):
         w_inv = kernels.row_inv_norms(weight, class_index=class_index)
-        bad_rows = bad_norm_rows(w_inv)
         lse_local = kernels.lse_forward(x_hat, weight, w_inv, labels_local, target, s, workspace, class_index=class_index)
         row_max = group.all_reduce(lse_local.clone(), "max")
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         # The SUM all-reduce also carries one flag per rank for NaN/Inf weight
         # rows, so a bad shard raises on every rank instead of hanging the others.
         flags = torch.zeros(group.size, device=lse_local.device)
-        flags[group.rank] = bad_rows.any().float()
+        flags[group.rank] = bad_norm_rows(w_inv).any().float()
         summed = group.all_reduce(torch.cat([torch.exp(lse_local - row_max), flags]))
         total, flags = summed[: lse_local.shape[0]], summed[lse_local.shape[0] :]
         if bool(flags.any()):
-            _raise_bad_weight(weight, bad_rows, class_index, flags, group)
+            _raise_bad_weight(weight, w_inv, class_index, flags)
         lse = row_max + total.log()
         count = valid.sum().clamp_min(1).float()
         loss = torch.where(valid, lse - target, torch.zeros_like(lse)).sum() / count
@@ -133,14 +132,10 @@ class _ShardedMarginLoss(torch.autograd.Function):
         return dx_hat, dw, None, None, None, None, None, None, None, None, None
 
 
-def _raise_bad_weight(weight: Tensor, bad_rows: Tensor, class_index: Tensor | None, flags: Tensor,
-                      group: _Group) -> None:
+def _raise_bad_weight(weight: Tensor, w_inv: Tensor, class_index: Tensor | None, flags: Tensor) -> None:
     ranks = flags.nonzero().flatten().tolist()
-    here = ""
-    if bool(bad_rows.any()):
-        position = int(bad_rows.nonzero()[0, 0])
-        row = position if class_index is None else int(class_index[position])
-        here = f"; here: local {describe_bad_row('weight', weight, row)}"
+    row = first_bad_weight_row(w_inv, class_index)
+    here = "" if row is None else f"; here: local {describe_bad_row('weight', weight, row)}"
     raise ValueError(f"PartialFC: bad weight rows (NaN/Inf or overflowing norms) on rank(s) {ranks}{here}")
 
 

@@ -49,6 +49,25 @@ def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a . b accumulated in fp32; full-precision fp32 products when IEEE."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _grad_operands(e, blk, UPCAST: tl.constexpr):
+    """The fp32 gradient tile e and a loaded block as operands of one dtype: the
+    block's (tensor cores), or fp32 when interpreting."""
+    if UPCAST:
+        return e, blk.to(tl.float32)
+    else:
+        return e.to(blk.dtype), blk
+
+
+@triton.jit
 def _logits_tile(X, W, rows, w_rows, D, stride_x, stride_w,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  UPCAST: tl.constexpr, IEEE: tl.constexpr):
@@ -67,10 +86,7 @@ def _logits_tile(X, W, rows, w_rows, D, stride_x, stride_w,
             b = b.to(tl.float32)
         else:
             a = a.to(b.dtype)
-        if IEEE:
-            acc += tl.dot(a, tl.trans(b), input_precision="ieee")
-        else:
-            acc += tl.dot(a, tl.trans(b))
+        acc += _dot(a, tl.trans(b), IEEE)
     return acc
 
 
@@ -169,19 +185,10 @@ def lse_backward_kernel(
         k_ok = ks < D
         w_blk = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=k_ok[None, :], other=0.0)
         x_blk = tl.load(X + safe_rows[:, None] * stride_x + ks[None, :], mask=k_ok[None, :], other=0.0)
-        if UPCAST:
-            w_blk = w_blk.to(tl.float32)
-            x_blk = x_blk.to(tl.float32)
-            e_op = e
-        else:
-            e_op = e.to(w_blk.dtype)
-            x_blk = x_blk.to(w_blk.dtype)
-        if IEEE:
-            dx = tl.dot(e_op, w_blk, input_precision="ieee")
-            dw = tl.dot(tl.trans(e_op), x_blk, input_precision="ieee")
-        else:
-            dx = tl.dot(e_op, w_blk)
-            dw = tl.dot(tl.trans(e_op), x_blk)
+        e_w, w_blk = _grad_operands(e, w_blk, UPCAST)
+        e_x, x_blk = _grad_operands(e, x_blk, UPCAST)
+        dx = _dot(e_w, w_blk, IEEE)
+        dw = _dot(tl.trans(e_x), x_blk, IEEE)
         tl.atomic_add(DX + rows[:, None] * D + ks[None, :], dx, mask=row_ok[:, None] & k_ok[None, :])
         tl.atomic_add(DW + cols[:, None] * D + ks[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
 
@@ -211,15 +218,8 @@ def lse_backward_dw_kernel(
                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
         e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale)
         x_blk = tl.load(X + safe_rows[:, None] * stride_x + ds[None, :], mask=d_ok[None, :], other=0.0)
-        if UPCAST:
-            x_blk = x_blk.to(tl.float32)
-            e_op = e
-        else:
-            e_op = e.to(x_blk.dtype)
-        if IEEE:
-            dw += tl.dot(tl.trans(e_op), x_blk, input_precision="ieee")
-        else:
-            dw += tl.dot(tl.trans(e_op), x_blk)
+        e_op, x_blk = _grad_operands(e, x_blk, UPCAST)
+        dw += _dot(tl.trans(e_op), x_blk, IEEE)
     tl.store(DW + cols[:, None] * D + ds[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
 
 
@@ -253,15 +253,8 @@ def lse_backward_dx_kernel(
                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
         e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale)
         w_blk = tl.load(W + w_rows[:, None] * stride_w + ds[None, :], mask=d_ok[None, :], other=0.0)
-        if UPCAST:
-            w_blk = w_blk.to(tl.float32)
-            e_op = e
-        else:
-            e_op = e.to(w_blk.dtype)
-        if IEEE:
-            dx += tl.dot(e_op, w_blk, input_precision="ieee")
-        else:
-            dx += tl.dot(e_op, w_blk)
+        e_op, w_blk = _grad_operands(e, w_blk, UPCAST)
+        dx += _dot(e_op, w_blk, IEEE)
     tl.atomic_add(DX + rows[:, None] * D + ds[None, :], dx, mask=row_ok[:, None] & d_ok[None, :])
 
 
