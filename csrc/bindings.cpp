@@ -1,25 +1,62 @@
-// Python bindings of margin_kernels._C. Argument checks live in Python
-// (margin_kernels/functional.py); these entry points only assert the layout
-// they rely on.
+// Python bindings of margin_kernels._C. User-facing argument checks live in
+// Python (margin_kernels/_checks.py); these entry points check every tensor
+// they receive, so that no input from Python can crash the process.
 #include <torch/extension.h>
 
 #include "margin_ce.h"
 
 namespace {
 
+// Every tensor an entry point receives is checked here (shape, dtype, device,
+// contiguity), so that no call from Python can read out of bounds: the Python
+// layer validates user input, these checks keep a wrong internal call (or a
+// direct call of _C) an exception instead of a crash.
 void check_layout(const at::Tensor& x_hat, const at::Tensor& weight,
                   const at::Tensor& labels_local) {
-  TORCH_CHECK(x_hat.scalar_type() == at::kFloat && x_hat.is_contiguous() && x_hat.dim() == 2,
-              "x_hat must be a contiguous float32 matrix");
-  TORCH_CHECK(weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == x_hat.size(1),
-              "weight must be a contiguous [C, D] matrix");
-  TORCH_CHECK(labels_local.scalar_type() == at::kLong && labels_local.size(0) == x_hat.size(0),
-              "labels_local must be int64 [B]");
+  TORCH_CHECK(x_hat.dim() == 2 && x_hat.scalar_type() == at::kFloat && x_hat.is_contiguous(),
+              "x_hat must be a contiguous float32 [B, D] matrix");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x_hat.size(1),
+              "weight must be a contiguous [C, D] matrix with x_hat's D");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16 ||
+                  weight.scalar_type() == at::kHalf,
+              "weight must be float32, bfloat16 or float16");
   TORCH_CHECK(x_hat.device() == weight.device(), "x_hat and weight must be on one device");
 #ifndef MK_WITH_CUDA
   TORCH_CHECK(x_hat.device().is_cpu(),
               "the cpp backend was built without CUDA kernels; tensors must be on the CPU");
 #endif
+  TORCH_CHECK(labels_local.dim() == 1 && labels_local.scalar_type() == at::kLong &&
+                  labels_local.size(0) == x_hat.size(0) && labels_local.is_contiguous() &&
+                  labels_local.device() == x_hat.device(),
+              "labels_local must be a contiguous int64 [B] vector on x_hat's device");
+}
+
+// A per-row (n = B) or per-class (n = C or K) vector of `dtype` beside x_hat.
+void check_vector(const char* name, const at::Tensor& t, int64_t n, at::ScalarType dtype,
+                  const at::Tensor& x_hat) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, name, " must be a vector of ", n, " entries, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous() && t.device() == x_hat.device(), name,
+              " must be contiguous and on x_hat's device");
+}
+
+// Classes the sweep covers: C, or K with a class index (whose entries must be rows of W).
+int64_t checked_classes(const at::Tensor& weight, const c10::optional<at::Tensor>& class_index,
+                        const at::Tensor& x_hat) {
+  if (!class_index.has_value()) return weight.size(0);
+  const at::Tensor& index = *class_index;
+  check_vector("class_index", index, index.numel(), at::kLong, x_hat);
+  if (index.numel() > 0) {
+    auto [lo, hi] = at::aminmax(index);
+    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < weight.size(0),
+                "class_index entries must be rows of weight, in [0, ", weight.size(0), ")");
+  }
+  return index.numel();
+}
+
+void check_rows(const at::Tensor& x_hat, std::initializer_list<std::pair<const char*, const at::Tensor*>> vs) {
+  for (const auto& [name, t] : vs) check_vector(name, *t, x_hat.size(0), at::kFloat, x_hat);
 }
 
 #ifdef MK_WITH_CUDA
@@ -29,6 +66,15 @@ constexpr bool kWithCuda = false;
 #endif
 
 at::Tensor row_inv_norms(const at::Tensor& weight, double eps) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be a contiguous [C, D] matrix");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16 ||
+                  weight.scalar_type() == at::kHalf,
+              "weight must be float32, bfloat16 or float16");
+  TORCH_CHECK(eps > 0, "eps must be > 0");
+#ifndef MK_WITH_CUDA
+  TORCH_CHECK(weight.device().is_cpu(),
+              "the cpp backend was built without CUDA kernels; tensors must be on the CPU");
+#endif
 #ifdef MK_WITH_CUDA
   if (weight.is_cuda()) return margin_kernels::cuda::row_inv_norms(weight, eps);
 #endif
@@ -40,6 +86,10 @@ at::Tensor lse_forward(const at::Tensor& x_hat, const at::Tensor& weight,
                        const at::Tensor& target_logit, double scale, int64_t block_classes,
                        const c10::optional<at::Tensor>& class_index) {
   check_layout(x_hat, weight, labels_local);
+  const int64_t classes = checked_classes(weight, class_index, x_hat);
+  check_vector("w_inv", w_inv, classes, at::kFloat, x_hat);
+  check_rows(x_hat, {{"target_logit", &target_logit}});
+  TORCH_CHECK(block_classes >= 1, "block_classes must be >= 1, got ", block_classes);
 #ifdef MK_WITH_CUDA
   if (x_hat.is_cuda())
     return margin_kernels::cuda::lse_forward(x_hat, weight, w_inv, labels_local, target_logit, scale,
@@ -53,17 +103,23 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& target_logit,
     const at::Tensor& target_slope, const at::Tensor& lse, const at::Tensor& grad_rows,
-    double scale, int64_t block_classes, const c10::optional<at::Tensor>& class_index) {
+    double scale, int64_t block_classes, const c10::optional<at::Tensor>& class_index,
+    bool compute_dw) {
   check_layout(x_hat, weight, labels_local);
+  const int64_t classes = checked_classes(weight, class_index, x_hat);
+  check_vector("w_inv", w_inv, classes, at::kFloat, x_hat);
+  check_rows(x_hat, {{"target_logit", &target_logit}, {"target_slope", &target_slope}, {"lse", &lse},
+                     {"grad_rows", &grad_rows}});
+  TORCH_CHECK(block_classes >= 1, "block_classes must be >= 1, got ", block_classes);
 #ifdef MK_WITH_CUDA
   if (x_hat.is_cuda())
     return margin_kernels::cuda::lse_backward(x_hat, weight, w_inv, labels_local, target_logit,
                                               target_slope, lse, grad_rows, scale, block_classes,
-                                              class_index);
+                                              class_index, compute_dw);
 #endif
   return margin_kernels::lse_backward(x_hat, weight, w_inv, labels_local, target_logit,
                                       target_slope, lse, grad_rows, scale, block_classes,
-                                      class_index);
+                                      class_index, compute_dw);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
@@ -73,6 +129,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
     int64_t block_rows) {
   check_layout(x_hat, weight, labels_local);
   TORCH_CHECK(x_hat.device().is_cpu(), "fused_forward_backward runs on the CPU only");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "fused_forward_backward takes float32 weights only");
+  check_vector("w_inv", w_inv, weight.size(0), at::kFloat, x_hat);
+  check_rows(x_hat, {{"target_logit", &target_logit}, {"target_slope", &target_slope},
+                     {"grad_rows", &grad_rows}});
+  TORCH_CHECK(block_rows >= 1, "block_rows must be >= 1, got ", block_rows);
   return margin_kernels::fused_forward_backward(x_hat, weight, w_inv, labels_local,
                                                 target_logit, target_slope, grad_rows,
                                                 scale, block_rows);
@@ -91,7 +152,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lse_backward", &lse_backward, "class-blocked backward: (dx_hat, dW)",
         py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),
         py::arg("target_logit"), py::arg("target_slope"), py::arg("lse"), py::arg("grad_rows"),
-        py::arg("scale"), py::arg("block_classes"), py::arg("class_index") = py::none());
+        py::arg("scale"), py::arg("block_classes"), py::arg("class_index") = py::none(),
+        py::arg("compute_dw") = true);
   m.def("fused_forward_backward", &fused_forward_backward,
         "row-chunked single-shard sweep: (lse, dx_hat, dW) in three GEMMs");
 }

@@ -26,13 +26,15 @@ at::Tensor lse_forward(const at::Tensor& x_hat, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& class_index);
 
 // Recomputes each class block and returns (dx_hat float32 [B, D], dW [C, D] in
-// weight's dtype), for row weights `grad_rows` and the global `lse`.
+// weight's dtype), for row weights `grad_rows` and the global `lse`. Without
+// `compute_dw` (a weight that needs no gradient) dW is [0, D] and its GEMM is
+// skipped.
 std::tuple<at::Tensor, at::Tensor> lse_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& target_logit,
     const at::Tensor& target_slope, const at::Tensor& lse,
     const at::Tensor& grad_rows, double scale, int64_t block_classes,
-    const c10::optional<at::Tensor>& class_index);
+    const c10::optional<at::Tensor>& class_index, bool compute_dw);
 
 // Single-shard shortcut: sweeps chunks of `block_rows` rows over all classes and
 // returns (lse, dx_hat, dW) for row weights `grad_rows` in one pass of three
@@ -58,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
     const at::Tensor& labels_local, const at::Tensor& target_logit,
     const at::Tensor& target_slope, const at::Tensor& lse,
     const at::Tensor& grad_rows, double scale, int64_t block_classes,
-    const c10::optional<at::Tensor>& class_index);
+    const c10::optional<at::Tensor>& class_index, bool compute_dw);
 }  // namespace cuda
 #endif
 

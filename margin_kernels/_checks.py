@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .margins import Margin
+from .margins import NORM_EPS, Margin, RowMargins
 
 REDUCTIONS = ("mean", "sum", "none")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,6 +48,8 @@ def check_args(embeddings: Tensor, weight: Tensor, labels: Tensor, margin: Margi
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one class (C >= 1), got C = 0")
+    if embeddings.shape[1] == 0:
+        raise ValueError("embeddings must have D >= 1 features, got D = 0")
     if weight.shape[1] != embeddings.shape[1]:
         raise ValueError(
             f"weight has D = {weight.shape[1]} but embeddings have D = {embeddings.shape[1]} (shapes "
@@ -60,6 +62,38 @@ def check_args(embeddings: Tensor, weight: Tensor, labels: Tensor, margin: Margi
             f"embeddings, weight and labels must be on one device, got {embeddings.device}, "
             f"{weight.device} and {labels.device}"
         )
+
+
+def check_workspace(workspace_bytes: object) -> None:
+    """None (the default budget) or a positive int of bytes."""
+    if workspace_bytes is None:
+        return
+    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
+        raise TypeError(f"workspace_bytes must be a positive int (bytes) or None, got {workspace_bytes!r}")
+    if workspace_bytes < 1:
+        raise ValueError(f"workspace_bytes must be >= 1, got {workspace_bytes}")
+
+
+def check_margins(margins: object, batch: int, device: torch.device) -> RowMargins:
+    """Per-row margins given by the caller: a RowMargins (or 3-tuple) of 1-D
+    floating tensors of length B on the embeddings' device, finite; returned as
+    float32 RowMargins."""
+    if not isinstance(margins, tuple) or len(margins) != 3:
+        raise TypeError(f"margins must be a RowMargins (m1, m2, m3) of [B] tensors, got {type(margins).__name__}")
+    out = []
+    for name, m in zip(("m1", "m2", "m3"), margins):
+        if not isinstance(m, Tensor):
+            raise TypeError(f"margins.{name} must be a torch.Tensor, got {type(m).__name__}")
+        if m.dim() != 1 or m.shape[0] != batch:
+            raise ValueError(f"margins.{name} must have shape [B] = [{batch}], got {tuple(m.shape)}")
+        if not m.dtype.is_floating_point:
+            raise TypeError(f"margins.{name} must be a floating tensor, got {m.dtype}")
+        if m.device != device:
+            raise ValueError(f"margins.{name} must be on the embeddings' device {device}, got {m.device}")
+        if device.type != "meta" and not torch.compiler.is_compiling() and not bool(torch.isfinite(m).all()):
+            raise ValueError(f"margins.{name} contains NaN or Inf")
+        out.append(m if m.dtype == torch.float64 else m.float())
+    return RowMargins(*out)
 
 
 def check_values(
@@ -76,6 +110,8 @@ def check_values(
         if weight is None:
             raise TypeError("check_values: pass num_classes when weight is None")
         num_classes = weight.shape[0]
+    if embeddings.device.type == "meta":  # no data to read: shapes only
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         row = int(bad.nonzero()[0, 0])
@@ -88,6 +124,17 @@ def check_values(
         _check_row_norms("weight", weight)
 
 
+def bad_values(embeddings: Tensor, labels: Tensor, ignore_index: int, *, num_classes: int) -> Tensor:
+    """check_values' verdict on labels and embeddings as a device flag (no host
+    sync), for callers that read it together with other data; True when
+    check_values would raise."""
+    bad_label = ((labels != ignore_index) & ((labels < 0) | (labels >= num_classes))).any()
+    if embeddings.numel() == 0:
+        return bad_label
+    norms = torch.linalg.vector_norm(embeddings, dim=1, dtype=None if embeddings.dtype == torch.float64 else torch.float32)
+    return bad_label | ~(torch.isfinite(norms) & (norms > NORM_EPS)).all()
+
+
 def _check_row_norms(name: str, t: Tensor) -> None:
     """A row norm is NaN or Inf exactly when the row holds a NaN or Inf or its
     squares overflow; both would normalize to garbage. Costs one read of t and
@@ -95,16 +142,17 @@ def _check_row_norms(name: str, t: Tensor) -> None:
     if t.numel() == 0:
         return
     norms = torch.linalg.vector_norm(t, dim=1, dtype=None if t.dtype == torch.float64 else torch.float32)
-    bad = ~torch.isfinite(norms)
+    bad = ~torch.isfinite(norms) | (norms <= NORM_EPS)
     if bool(bad.any()):
         raise ValueError(describe_bad_row(name, t, int(bad.nonzero()[0, 0])))
 
 
 def bad_norm_rows(w_inv: Tensor) -> Tensor:
     """Flags of the rows whose 1/max(||w_j||, eps) betrays a bad row: NaN (a NaN
-    in the row) or 0 (an Inf, or squares that overflow). Good rows have w_inv in
-    (0, 1/eps]."""
-    return ~(w_inv > 0)
+    in the row), 0 (an Inf, or squares that overflow) or 1/eps (a zero row,
+    whose direction, and so its cosine and gradient, is undefined). Good rows
+    have w_inv in (0, 1/eps)."""
+    return ~((w_inv > 0) & (w_inv < 1.0 / NORM_EPS))
 
 
 def first_bad_weight_row(w_inv: Tensor, class_index: Tensor | None = None) -> int | None:
@@ -125,6 +173,10 @@ def check_weight_norms(w_inv: Tensor, weight: Tensor, class_index: Tensor | None
 
 
 def describe_bad_row(name: str, t: Tensor, row: int) -> str:
-    if bool(torch.isfinite(t[row]).all()):
-        return f"{name} row {row} has a norm beyond the float32 range (its squares overflow)"
-    return f"{name} row {row} contains NaN or Inf"
+    t = t.detach()
+    if not bool(torch.isfinite(t[row]).all()):
+        return f"{name} row {row} contains NaN or Inf"
+    if float(torch.linalg.vector_norm(t[row].double())) <= NORM_EPS:
+        return (f"{name} row {row} is zero (norm <= {NORM_EPS:g}): its direction, cosine and gradient are "
+                "undefined" + ("; initialise class weights randomly, not with zeros" if name == "weight" else ""))
+    return f"{name} row {row} has a norm beyond the float32 range (its squares overflow)"

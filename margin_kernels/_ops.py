@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import backends
 from ._checks import check_values, check_weight_norms
@@ -66,19 +67,24 @@ def margin_ce_rows_backward(
     ignore_index: int,
     backend: str,
     workspace_bytes: int,
+    weight_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(d loss / d x_hat, d loss / d weight) for upstream per-row gradients."""
+    """(d loss / d x_hat, d loss / d weight) for upstream per-row gradients; the
+    weight's is [0, D] (and never computed) without ``weight_grad``."""
     kernels = backends.load(backend)
     labels_local = _labels_local(labels, ignore_index)
     g = torch.where(labels_local >= 0, grad_rows.float(), torch.zeros_like(lse))
-    return kernels.lse_backward(
-        x_hat, weight, w_inv, labels_local, target_logit, target_slope, s, lse, g, workspace_bytes
+    dx, dw = kernels.lse_backward(
+        x_hat, weight, w_inv, labels_local, target_logit, target_slope, s, lse, g, workspace_bytes,
+        weight_grad=weight_grad,
     )
+    return dx, dw if dw is not None else weight.new_empty(0, weight.shape[1])
 
 
 @margin_ce_rows_backward.register_fake
-def _(grad_rows, x_hat, weight, w_inv, labels, target_logit, target_slope, lse, s, ignore_index, backend, workspace_bytes):
-    return torch.empty_like(x_hat), torch.empty_like(weight)
+def _(grad_rows, x_hat, weight, w_inv, labels, target_logit, target_slope, lse, s, ignore_index, backend, workspace_bytes,
+      weight_grad):
+    return torch.empty_like(x_hat), weight.new_empty(weight.shape if weight_grad else (0, weight.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -91,8 +97,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_lse, grad_w_inv):
     x_hat, weight, w_inv, labels, target_logit, target_slope, lse = ctx.saved_tensors
-    dx_hat, dw = margin_ce_rows_backward(grad_loss, x_hat, weight, w_inv, labels, target_logit, target_slope, lse, *ctx.args)
-    return dx_hat, dw, None, None, None, None, None, None, None, None
+    weight_grad = ctx.needs_input_grad[1]
+    dx_hat, dw = margin_ce_rows_backward(grad_loss, x_hat, weight, w_inv, labels, target_logit, target_slope, lse,
+                                         *ctx.args, weight_grad)
+    return dx_hat, dw if weight_grad else None, None, None, None, None, None, None, None, None
 
 
 margin_ce_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -103,7 +111,10 @@ class FusedReducedLoss(torch.autograd.Function):
     gradients in one row-chunked sweep (three GEMMs); backward only scales them
     by the upstream gradient, in place, so no second C x D tensor appears.
 
-    Eager only (functional.py never uses it under torch.compile).
+    Eager only (functional.py never uses it under torch.compile). Its backward
+    is not differentiable (the gradients are constants of the forward): a
+    double backward (create_graph=True) raises instead of returning a wrong
+    second derivative.
     """
 
     @staticmethod
@@ -120,6 +131,7 @@ class FusedReducedLoss(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, grad_lse):
         if ctx.consumed:
             raise RuntimeError(

@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, reference
-from ._checks import FUSED_DTYPES, check_args, check_values
+from ._checks import FUSED_DTYPES, check_args, check_margins, check_values, check_workspace
 from ._ops import FusedReducedLoss, _labels_local  # also registers the margin_kernels:: custom ops
-from .margins import Margin, RowMargins, target_logit
+from .margins import NORM_EPS, Margin, RowMargins, target_logit
 
 __all__ = ["margin_cross_entropy", "draw_margins", "target_cosine"]
 
@@ -19,7 +19,7 @@ def target_cosine(x_hat: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
     Labels must already be valid row indices of ``weight``.
     """
     with torch.no_grad():
-        w_rows = F.normalize(weight.index_select(0, labels).float(), dim=1, eps=reference.NORM_EPS)
+        w_rows = F.normalize(weight.index_select(0, labels).float(), dim=1, eps=NORM_EPS)
         return (x_hat.detach().float() * w_rows).sum(dim=1)
 
 
@@ -41,7 +41,7 @@ def draw_margins(
     cos_y = None
     if margin.needs_target_cosine:
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
-        x_hat = F.normalize(embeddings.detach().float(), dim=1, eps=reference.NORM_EPS)
+        x_hat = F.normalize(embeddings.detach().float(), dim=1, eps=NORM_EPS)
         cos_y = target_cosine(x_hat, weight, safe_labels)
     return margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=cos_y, valid=valid, generator=generator)
 
@@ -77,7 +77,8 @@ def margin_cross_entropy(
         backend: ``"auto"``, ``"reference"``, ``"cpp"`` or ``"triton"``.
         generator: source of elastic margin draws, for reproducible steps.
         return_lse: also return the per-row logsumexp (detached).
-        workspace_bytes: scratch budget of the fused sweep (default 64 MiB).
+        workspace_bytes: scratch budget of the fused sweep in bytes (default:
+            ``$MARGIN_KERNELS_WORKSPACE_MB`` MiB, else 64 MiB).
         margins: per-row (m1, m2, m3) to use instead of drawing them from
             ``margin`` (e.g. the ``last_margins`` of an elastic module, to replay a step).
 
@@ -86,6 +87,9 @@ def margin_cross_entropy(
         [B] logsumexp if ``return_lse``.
     """
     check_args(embeddings, weight, labels, margin, reduction)
+    check_workspace(workspace_bytes)
+    if margins is not None:
+        margins = check_margins(margins, labels.shape[0], embeddings.device)
     name = backends.resolve(backend, embeddings.device)
     if name != "reference" and embeddings.dtype not in FUSED_DTYPES:
         raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 inputs, got {embeddings.dtype}")
@@ -106,14 +110,14 @@ def margin_cross_entropy(
 
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
-    x_hat = F.normalize(embeddings.float(), dim=1, eps=reference.NORM_EPS)
+    x_hat = F.normalize(embeddings.float(), dim=1, eps=NORM_EPS)
     cos_y = target_cosine(x_hat, weight, safe_labels)
     if margins is None:  # as draw_margins, reusing the target cosines computed here
         margins = margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=cos_y, valid=valid,
                                      generator=generator)
     t, slope = target_logit(cos_y, margins, **flags)
     target = margin.s * t
-    workspace = backends.DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else int(workspace_bytes)
+    workspace = backends.default_workspace_bytes() if workspace_bytes is None else workspace_bytes
     kernels = backends.load(name)
 
     if _can_fuse(kernels, weight, reduction, compiling, labels.shape[0], workspace):

@@ -32,6 +32,10 @@ __all__ = [
 
 Overflow = Literal["classic", "none"]
 
+# Floor on ||v|| when normalizing a row (F.normalize's eps): rows at or below it
+# are rejected as zero rows by the argument checks.
+NORM_EPS = 1e-12
+
 # Floor on sin(theta) in the slope m1 sin(m1 theta + m2) / sin(theta): the true
 # derivative diverges at cos = +-1 when m2 > 0; float32 never gets closer than
 # sin(theta) ~ 3.4e-4 without being exactly +-1, so the floor only acts there.
@@ -52,7 +56,27 @@ def _require(cond: bool, message: str) -> None:
 
 
 def _finite(name: str, value: float) -> None:
-    _require(isinstance(value, (int, float)) and math.isfinite(value), f"{name} must be a finite number, got {value!r}")
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+             f"{name} must be a finite number, got {value!r}")
+
+
+# Largest scale accepted: s * cos must stay far inside float32 (s = 3e38 turned
+# the logsumexp into inf - inf); published recipes use s <= 128.
+MAX_SCALE = 1e4
+# Meaningful ranges of the margins: an angular margin of pi/2 or more, or an
+# additive one of 1 or more, turns the margin into a bonus or makes every target
+# the least likely class. ``allow_any_margin=True`` lifts these bounds.
+ANGULAR_RANGE = (0.0, math.pi / 2)
+ADDITIVE_RANGE = (0.0, 1.0)
+
+
+def _margin_range(spec: "Margin", name: str, value: float, bounds: tuple[float, float], what: str) -> None:
+    _finite(name, value)
+    if spec.allow_any_margin:
+        return
+    lo, hi = bounds
+    _require(lo <= value < hi, f"{name} must be in [{lo:g}, {hi:.4g}) for {what} (got {value}); pass "
+             f"allow_any_margin=True to use it anyway")
 
 
 @dataclass(frozen=True)
@@ -64,13 +88,14 @@ class Margin:
     overflow: Overflow = "classic"
     easy_margin: bool = False
     detach_margin: bool = False
+    allow_any_margin: bool = False
 
     #: True for specs whose per-row margins depend on the target cosines.
     needs_target_cosine: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         _finite("s", self.s)
-        _require(self.s > 0, f"s must be > 0, got {self.s}")
+        _require(0 < self.s <= MAX_SCALE, f"s must be > 0 and <= {MAX_SCALE:g}, got {self.s}")
         _require(self.overflow in ("classic", "none"), f"overflow must be 'classic' or 'none', got {self.overflow!r}")
 
     def fixed_triple(self) -> tuple[float, float, float]:
@@ -113,7 +138,7 @@ class CosFace(Margin):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _finite("m", self.m)
+        _margin_range(self, "m", self.m, ADDITIVE_RANGE, "an additive cosine margin")
 
     def fixed_triple(self) -> tuple[float, float, float]:
         return 1.0, 0.0, float(self.m)
@@ -127,7 +152,7 @@ class ArcFace(Margin):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _finite("m", self.m)
+        _margin_range(self, "m", self.m, ANGULAR_RANGE, "an additive angular margin")
 
     def fixed_triple(self) -> tuple[float, float, float]:
         return 1.0, float(self.m), 0.0
@@ -158,9 +183,10 @@ class CombinedMargin(Margin):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("m1", "m2", "m3"):
-            _finite(name, getattr(self, name))
+        _finite("m1", self.m1)
         _require(self.m1 >= 1, f"m1 must be >= 1, got {self.m1}")
+        _margin_range(self, "m2", self.m2, ANGULAR_RANGE, "an additive angular margin")
+        _margin_range(self, "m3", self.m3, ADDITIVE_RANGE, "an additive cosine margin")
 
     def fixed_triple(self) -> tuple[float, float, float]:
         return float(self.m1), float(self.m2), float(self.m3)
@@ -176,12 +202,14 @@ class _Elastic(Margin):
 
     needs_target_cosine: ClassVar[bool] = True  # only consulted when plus=True
     _default_std: ClassVar[tuple[float, float]] = (0.05, 0.05)  # (plain, plus)
+    _range: ClassVar[tuple[float, float]] = ANGULAR_RANGE
+    _what: ClassVar[str] = "the mean margin"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.std is None:
             object.__setattr__(self, "std", self._default_std[1] if self.plus else self._default_std[0])
-        _finite("m", self.m)
+        _margin_range(self, "m", self.m, self._range, self._what)
         _finite("std", self.std)
         _require(self.std >= 0, f"std must be >= 0, got {self.std}")
 
@@ -223,6 +251,8 @@ class ElasticArcFace(_Elastic):
 
     m: float = 0.5
     _default_std: ClassVar[tuple[float, float]] = (0.05, 0.0175)
+    _range: ClassVar[tuple[float, float]] = ANGULAR_RANGE
+    _what: ClassVar[str] = "the mean of an additive angular margin"
 
     def _place(self, m: Tensor) -> RowMargins:
         return RowMargins(torch.ones_like(m), m, torch.zeros_like(m))
@@ -234,6 +264,8 @@ class ElasticCosFace(_Elastic):
 
     m: float = 0.35
     _default_std: ClassVar[tuple[float, float]] = (0.05, 0.025)
+    _range: ClassVar[tuple[float, float]] = ADDITIVE_RANGE
+    _what: ClassVar[str] = "the mean of an additive cosine margin"
 
     def _place(self, m: Tensor) -> RowMargins:
         return RowMargins(torch.ones_like(m), torch.zeros_like(m), m)

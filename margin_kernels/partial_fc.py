@@ -26,17 +26,27 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _shard_io, backends, reference
-from ._checks import FUSED_DTYPES, bad_norm_rows, check_values, describe_bad_row, first_bad_weight_row
-from .margins import CombinedMargin, Margin, RowMargins, target_logit
+from . import _shard_io, backends
+from ._checks import (FUSED_DTYPES, bad_norm_rows, bad_values, check_values, check_workspace, describe_bad_row,
+                      first_bad_weight_row)
+from .margins import NORM_EPS, CombinedMargin, Margin, RowMargins, target_logit
 
-__all__ = ["PartialFC", "class_split"]
+__all__ = ["PartialFC", "class_split", "sample_count"]
 
 
 def class_split(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
     """(start, count) of rank's contiguous class block (insightface's split)."""
     base, extra = divmod(num_classes, world_size)
     return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
+
+
+def sample_count(num_local: int, sample_rate: float, global_batch: int) -> int:
+    """Classes a sampled step reads on a shard of ``num_local``: ceil(rate x
+    num_local), raised to min(num_local, global batch) so that every positive of
+    the batch fits without counting them on the host. Where rate x num_local is
+    at least the global batch (0.1 x 1M classes against a batch of thousands),
+    this is exactly insightface's max(rate x num_local, positives)."""
+    return min(num_local, max(math.ceil(sample_rate * num_local), global_batch))
 
 
 class _Group:
@@ -117,10 +127,14 @@ class _ShardedMarginLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse):
         x_hat, weight, w_inv, labels_local, target, slope, lse, valid, class_index = ctx.saved_tensors
         g = torch.where(valid, grad_loss / ctx.count, torch.zeros_like(lse))
+        weight_grad = ctx.needs_input_grad[1]  # False for a frozen weight: no dW products, no dW memory
         dx_hat, dw = ctx.kernels.lse_backward(
-            x_hat, weight, w_inv, labels_local, target, slope, ctx.s, lse, g, ctx.workspace, class_index=class_index
+            x_hat, weight, w_inv, labels_local, target, slope, ctx.s, lse, g, ctx.workspace, class_index=class_index,
+            weight_grad=weight_grad,
         )
-        if class_index is not None and weight.is_leaf:
+        if not weight_grad:
+            dw = None
+        elif class_index is not None and weight.is_leaf:
             # Rows-only update straight into .grad: autograd would otherwise build
             # a dense C x D gradient next to .grad just to add it in.
             if weight.grad is None:
@@ -147,13 +161,16 @@ class PartialFC(nn.Module):
         num_classes: C, over all ranks.
         margin: a margin spec (``ArcFace()``, ``CombinedMargin(...)``...).
         sample_rate: keep every positive class of the global batch and fill with
-            uniformly drawn negatives up to ceil(sample_rate * C_local) per rank.
+            uniformly drawn negatives up to ``sample_count(C_local, sample_rate,
+            B_global)`` = max(ceil(sample_rate * C_local), min(C_local, B_global))
+            classes per rank.
         process_group: the group the classes are sharded over (default: the
             default group when initialized, else a single process).
         dtype, device: of this rank's weight shard, initialized N(0, 0.01).
         backend: ``"auto"``, ``"cpp"`` or ``"triton"`` (a fused backend).
-        generator: source of the negative samples and elastic margins (on rank 0,
-            which broadcasts the margins).
+        generator: source of the weight's initialization, the negative samples
+            and elastic margins (on rank 0, which broadcasts the margins); on the
+            weight's device type, where everything is drawn.
         workspace_bytes: scratch budget of the fused kernels.
 
     ``forward(embeddings, labels)`` takes this rank's rows (any number, zero
@@ -200,13 +217,18 @@ class PartialFC(nn.Module):
             raise TypeError(f"margin must be a margin_kernels margin spec, got {type(margin).__name__}")
         if dtype not in FUSED_DTYPES:
             raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        device = torch.device(device if device is not None else "cpu")
+        if generator is not None and generator.device.type != device.type:
+            raise ValueError(f"generator must be on the weight's device type ({device.type}): samples and margins are "
+                             f"drawn there without a host round trip; got a generator on {generator.device}")
         self._group = _Group(process_group)
         self.embedding_size, self.num_classes, self.margin = embedding_size, num_classes, margin
         self.sample_rate, self.backend, self.generator = sample_rate, backend, generator
-        self.workspace_bytes = backends.DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+        check_workspace(workspace_bytes)
+        self.workspace_bytes = workspace_bytes
         self.class_start, self.num_local = class_split(num_classes, self._group.size, self._group.rank)
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (self.num_local, embedding_size), generator=generator)
-                                   .to(dtype=dtype, device=device))
+        self.weight = nn.Parameter(torch.empty(self.num_local, embedding_size, device=device)
+                                   .normal_(0.0, 0.01, generator=generator).to(dtype))
         self.last_sampled_index = None
         self.register_load_state_dict_pre_hook(_slice_full_weight)
 
@@ -241,16 +263,16 @@ class PartialFC(nn.Module):
         valid = y >= 0  # -1 and ignore_index-style negatives are ignored rows
         safe_y = torch.where(valid, y, torch.zeros_like(y))
 
-        x_hat = F.normalize(x.float(), dim=1, eps=reference.NORM_EPS)
+        x_hat = F.normalize(x.float(), dim=1, eps=NORM_EPS)
         local = valid & (safe_y >= self.class_start) & (safe_y < self.class_start + self.num_local)
         rows_local = torch.where(local, safe_y - self.class_start, torch.full_like(y, -1))
 
         with torch.no_grad():
             cos_y = torch.zeros(y.shape[0], device=x.device)
-            own = rows_local >= 0
-            if bool(own.any()):
-                w_rows = F.normalize(self.weight[rows_local[own]].float(), dim=1, eps=reference.NORM_EPS)
-                cos_y[own] = (x_hat[own] * w_rows).sum(1)
+            if self.num_local > 0:  # a gather of every row's (clamped) class, masked: no host sync
+                w_rows = F.normalize(self.weight.index_select(0, rows_local.clamp_min(0)).float(), dim=1,
+                                     eps=NORM_EPS)
+                cos_y = torch.where(rows_local >= 0, (x_hat * w_rows).sum(1), cos_y)
             group.all_reduce(cos_y)
             margins = self._row_margins(cos_y, valid)
             t, slope = target_logit(cos_y, margins, overflow=self.margin.overflow,
@@ -259,18 +281,23 @@ class PartialFC(nn.Module):
 
         class_index, labels_local = None, rows_local
         if self.sample_rate < 1.0:
-            class_index, labels_local = self._sample(rows_local)
+            class_index, labels_local = self._sample(rows_local, sum(sizes))
         self.last_sampled_index = class_index
         kernels = backends.load(backends.resolve(self.backend, x.device) if self.backend == "auto" else self.backend)
         loss, _ = _ShardedMarginLoss.apply(
             x_hat.contiguous(), self.weight, labels_local, target, slope, valid, class_index,
-            float(self.margin.s), kernels, group, self.workspace_bytes,
+            float(self.margin.s), kernels, group,
+            backends.default_workspace_bytes() if self.workspace_bytes is None else self.workspace_bytes,
         )
         return loss
 
     def _checked_sizes(self, embeddings: Tensor, labels: Tensor) -> list[int]:
         """Validate this rank's input, agree on it with every rank (so a bad input
-        raises everywhere instead of hanging the others), and gather batch sizes."""
+        raises everywhere instead of hanging the others), and gather batch sizes.
+
+        The data checks (label range, NaN/Inf rows) are computed on the device and
+        travel with the sizes in one all-gather, whose read is the step's only
+        host sync before the loss; the message is built only when one fails."""
         problem = ""
         try:
             if not isinstance(embeddings, Tensor) or not isinstance(labels, Tensor):
@@ -281,27 +308,38 @@ class PartialFC(nn.Module):
                 raise ValueError(f"labels must be [B] with B = {embeddings.shape[0]}, got {tuple(labels.shape)}")
             if labels.dtype.is_floating_point or labels.dtype == torch.bool:
                 raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+            if embeddings.dtype not in FUSED_DTYPES:
+                raise TypeError(f"embeddings must be float32, bfloat16 or float16, got {embeddings.dtype}")
             if embeddings.device != self.weight.device or labels.device != self.weight.device:
                 raise ValueError(f"embeddings and labels must be on the weight's device {self.weight.device}, got "
                                  f"{embeddings.device} and {labels.device}")
             if backends.resolve(self.backend, self.weight.device) == "reference":
                 raise ValueError("PartialFC needs a fused backend ('cpp' on CPU, 'triton' on CUDA)")
-            # weight: checked in the loss, from the row norms of the classes it reads
-            check_values(embeddings, None, labels, ignore_index=-1, num_classes=self.num_classes)
         except (TypeError, ValueError) as exc:
             problem = f"{type(exc).__name__}: {exc}"
         n = embeddings.shape[0] if isinstance(embeddings, Tensor) and embeddings.dim() >= 1 else 0
-        status = torch.tensor([n, 1 if problem else 0], dtype=torch.long, device=self.weight.device)
+        status = torch.zeros(3, dtype=torch.long, device=self.weight.device)
+        status[0] = n
+        if problem:
+            status[1] = 1
+        else:  # weight: checked in the loss, from the row norms of the classes it reads
+            status[2] = bad_values(embeddings, labels, ignore_index=-1, num_classes=self.num_classes).long()
         if self._group.distributed:
             gathered = [torch.empty_like(status) for _ in range(self._group.size)]
             dist.all_gather(gathered, status, group=self._group.group)
+            table = torch.stack(gathered).tolist()
         else:
-            gathered = [status]
-        bad = [r for r, st in enumerate(gathered) if int(st[1])]
+            table = [status.tolist()]
+        bad = [r for r, (_, wrong, bad_data) in enumerate(table) if wrong or bad_data]
         if bad:
+            if not problem and table[self._group.rank][2]:
+                try:  # this rank's data is bad: name the row
+                    check_values(embeddings, None, labels, ignore_index=-1, num_classes=self.num_classes)
+                except ValueError as exc:
+                    problem = f"ValueError: {exc}"
             here = f" ({problem})" if problem else ""
             raise ValueError(f"PartialFC: invalid input on rank(s) {bad}{here}")
-        return [int(st[0]) for st in gathered]
+        return [row[0] for row in table]
 
     def _row_margins(self, cos_y: Tensor, valid: Tensor) -> RowMargins:
         """The same per-row margins on every rank: rank 0 draws, then broadcasts."""
@@ -310,18 +348,16 @@ class PartialFC(nn.Module):
         packed = self._group.broadcast(torch.stack(list(m)).contiguous())
         return RowMargins(*packed)
 
-    def _sample(self, rows_local: Tensor) -> tuple[Tensor, Tensor]:
+    def _sample(self, rows_local: Tensor, global_batch: int) -> tuple[Tensor, Tensor]:
         """Every positive class of the global batch on this shard, plus uniform
-        negatives up to ceil(sample_rate * C_local); labels become positions."""
-        positives = torch.unique(rows_local[rows_local >= 0])
-        num_sample = max(math.ceil(self.sample_rate * self.num_local), positives.numel())
-        if num_sample > positives.numel():
-            gen_device = self.generator.device if self.generator is not None else "cpu"
-            score = torch.rand(self.num_local, generator=self.generator, device=gen_device).to(rows_local.device)
-            score[positives] = 2.0  # positives first, then the highest random scores
-            index = torch.topk(score, num_sample, sorted=False).indices.sort().values
-        else:
-            index = positives
+        negatives; labels become positions in the sorted index. Drawn on the
+        weight's device, with no host sync: the count is fixed in advance."""
+        count = sample_count(self.num_local, self.sample_rate, global_batch)
+        positive = torch.zeros(self.num_local + 1, dtype=torch.bool, device=rows_local.device)
+        positive[torch.where(rows_local >= 0, rows_local, self.num_local)] = True  # slot C_local: not a class
+        score = torch.rand(self.num_local, generator=self.generator, device=rows_local.device)
+        score = torch.where(positive[: self.num_local], 2.0, score)  # positives first, then the highest draws
+        index = torch.topk(score, count, sorted=False).indices.sort().values
         labels_local = torch.where(rows_local >= 0, torch.searchsorted(index, rows_local.clamp_min(0)),
                                    torch.full_like(rows_local, -1))
         return index, labels_local

@@ -15,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .margins import SIN_EPS, RowMargins
-
-NORM_EPS = 1e-12
+from .margins import NORM_EPS, SIN_EPS, RowMargins
 
 
 class _SafeAcos(torch.autograd.Function):

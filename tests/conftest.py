@@ -19,6 +19,12 @@ from margin_kernels import backends
 requires_cpp = pytest.mark.skipif(not backends.is_available("cpp"), reason="margin_kernels._C is not built")
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+
+def backend_device(backend: str) -> str:
+    """Where a backend's tests put their tensors: the Triton backend runs on CUDA
+    tensors where a GPU exists (interpreted on CPU tensors only without one)."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
 # One instance of every margin the library defines, with non-default values
 # where the defaults would hide a term (all three of m1, m2, m3 non-trivial).
 ALL_MARGINS = {

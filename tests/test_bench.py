@@ -64,12 +64,12 @@ def test_cpp_gemms_follow_the_path_cpp_takes(classes, monkeypatch):
     real_mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda a, b, **kw: shapes.append((tuple(a.shape), tuple(b.shape))) or real_mm(a, b, **kw))
     bench.make_step("cpp-gemms", "arcface", x, w, torch.zeros(b, dtype=torch.long))()
-    fused = backends.load("cpp").prefers_fused(w, b, backends.DEFAULT_WORKSPACE_BYTES)
+    fused = backends.load("cpp").prefers_fused(w, b, backends.default_workspace_bytes())
     assert fused == (classes == 300)
     if fused:
         assert shapes[0] == ((b, 8), (8, classes))
     else:
-        k = backends.load("cpp").block_classes(b, 8, False, backends.DEFAULT_WORKSPACE_BYTES)
+        k = backends.load("cpp").block_classes(b, 8, False, backends.default_workspace_bytes())
         assert k < classes and ((b, 8), (8, k)) in shapes
 
 

@@ -4,7 +4,7 @@ import torch
 
 import margin_kernels as mk
 
-from conftest import make_problem
+from conftest import backend_device, make_problem
 
 BACKENDS = ["reference", "cpp"]
 DATA_CASE_BACKENDS = BACKENDS + (["triton"] if mk.backends.is_available("triton") else [])
@@ -72,7 +72,7 @@ def test_bad_values_on_every_path(backend, grad, match, exc, mutate):
     """Bad data raises on every path: fused backends check weight from the row
     norms they compute (the contract op and, with gradients, the cpp backend's
     single-pass shortcut), not by a pass of their own."""
-    x, w, y = case(mutate)
+    x, w, y = (t.to(backend_device(backend)) for t in case(mutate))
     if grad:
         x, w = x.requires_grad_(True), w.requires_grad_(True)
     with pytest.raises(exc, match=match):

@@ -145,15 +145,15 @@ std::tuple<Tensor, Tensor> lse_backward(
     const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
     const Tensor& labels_local, const Tensor& target_logit,
     const Tensor& target_slope, const Tensor& lse, const Tensor& grad_rows,
-    double scale, int64_t block_classes, const c10::optional<Tensor>& class_index) {
+    double scale, int64_t block_classes, const c10::optional<Tensor>& class_index, bool compute_dw) {
   const int64_t B = x_hat.size(0), C = shard_classes(weight, class_index), D = weight.size(1);
   const int64_t K = std::min(std::max<int64_t>(block_classes, 1), std::max<int64_t>(C, 1));
   Tensor dx_hat = at::zeros({B, D}, x_hat.options());
-  Tensor dw = at::empty({C, D}, weight.options());
+  Tensor dw = at::empty({compute_dw ? C : 0, D}, weight.options());
   if (B == 0 || C == 0) return {dx_hat, dw.zero_()};
   const bool float_weight = weight.scalar_type() == at::kFloat;
   Tensor buffer = at::empty({B, K}, x_hat.options());
-  Tensor dw_buffer = float_weight ? Tensor() : at::empty({K, D}, x_hat.options());
+  Tensor dw_buffer = float_weight || !compute_dw ? Tensor() : at::empty({K, D}, x_hat.options());
   const float* inv = w_inv.data_ptr<float>();
   const int64_t* lab = labels_local.data_ptr<int64_t>();
   const float* tgt = target_logit.data_ptr<float>();
@@ -185,6 +185,7 @@ std::tuple<Tensor, Tensor> lse_backward(
       }
     });
     dx_hat.addmm_(e, w_blk);
+    if (!compute_dw) continue;  // a frozen weight: no dW GEMM, no dW memory
     Tensor dw_blk = float_weight ? dw.narrow(0, c0, k) : scratch_view(dw_buffer, k, D);
     // (w_blk is a float32 copy for gathered or low-precision blocks, a view otherwise)
     gemm_into(dw_blk, e.t(), x_hat);

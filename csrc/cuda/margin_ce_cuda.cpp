@@ -86,20 +86,20 @@ std::tuple<Tensor, Tensor> lse_backward(const Tensor& x_hat, const Tensor& weigh
                                         const Tensor& labels_local, const Tensor& target_logit,
                                         const Tensor& target_slope, const Tensor& lse, const Tensor& grad_rows,
                                         double scale, int64_t block_classes,
-                                        const c10::optional<Tensor>& class_index) {
+                                        const c10::optional<Tensor>& class_index, bool compute_dw) {
   const c10::cuda::CUDAGuard guard(x_hat.device());
   const int64_t B = x_hat.size(0), D = weight.size(1);
   const int64_t C = class_index.has_value() ? class_index->size(0) : weight.size(0);
   const int64_t K = std::min(std::max<int64_t>(block_classes, 1), std::max<int64_t>(C, 1));
   const at::ScalarType wt = weight.scalar_type();
   Tensor dx_hat = at::zeros({B, D}, x_hat.options());
-  Tensor dw = at::empty({C, D}, weight.options());
+  Tensor dw = at::empty({compute_dw ? C : 0, D}, weight.options());
   if (B == 0 || C == 0) return {dx_hat, dw.zero_()};
   const Tensor x_op = x_hat.to(wt).contiguous();
   Tensor logits_buf = at::empty({B, K}, x_hat.options());
   // dz in the dtype the next two GEMMs take: in place over the logits for fp32.
   Tensor dz_buf = wt == at::kFloat ? logits_buf : at::empty({B, K}, weight.options());
-  Tensor g_buf = at::empty({K, D}, x_hat.options());  // d/d(w_hat) of a block, fp32
+  Tensor g_buf = compute_dw ? at::empty({K, D}, x_hat.options()) : Tensor();  // d/d(w_hat) of a block, fp32
   for (int64_t c0 = 0; c0 < C; c0 += K) {
     const int64_t k = std::min(K, C - c0);
     const Tensor w_blk = block_rows(weight, class_index, c0, k);
@@ -116,6 +116,7 @@ std::tuple<Tensor, Tensor> lse_backward(const Tensor& x_hat, const Tensor& weigh
     } else {
       dx_hat.add_(at::mm(dz, w_blk, at::kFloat));
     }
+    if (!compute_dw) continue;  // a frozen weight: no dW GEMM, no dW memory
     Tensor g = view2d(g_buf, k, D);
     if (wt == at::kFloat) {
       at::mm_out(g, dz.t(), x_op);

@@ -1,10 +1,12 @@
 """Fused backends. Each module meets the kernel contract of DESIGN.md §2 on one
 class shard:
 
-    row_inv_norms(weight) -> w_inv [C] float32
-    lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_bytes) -> lse [B]
+    row_inv_norms(weight, class_index=None) -> w_inv [C] float32
+    lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_bytes,
+                class_index=None) -> lse [B]
     lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, s,
-                 lse, grad_rows, workspace_bytes) -> (dx_hat [B, D] float32, dW [C, D])
+                 lse, grad_rows, workspace_bytes, class_index=None, weight_grad=True)
+        -> (dx_hat [B, D] float32, dW [C, D] in weight's dtype, or None without weight_grad)
 
 ``labels_local`` is -1 for rows whose class is not in the shard (or ignored);
 ``target_logit`` is s * t for the rows' target columns and ``target_slope`` is
@@ -25,9 +27,21 @@ import torch
 
 BACKENDS = ("reference", "cpp", "triton")
 
-# Bytes of scratch (logits blocks and per-block copies) a sweep may hold;
-# overridable per call (workspace_bytes=) or per process (MARGIN_KERNELS_WORKSPACE_MB).
-DEFAULT_WORKSPACE_BYTES = int(float(os.environ.get("MARGIN_KERNELS_WORKSPACE_MB", "64")) * 2**20)
+WORKSPACE_ENV = "MARGIN_KERNELS_WORKSPACE_MB"
+
+
+def default_workspace_bytes() -> int:
+    """Bytes of scratch (logits blocks and per-block copies) a sweep may hold when
+    the call does not say (``workspace_bytes=``): $MARGIN_KERNELS_WORKSPACE_MB
+    MiB, read at call time, else 64 MiB."""
+    text = os.environ.get(WORKSPACE_ENV, "64")
+    try:
+        mib = float(text)
+    except ValueError:
+        raise ValueError(f"{WORKSPACE_ENV} must be a number of MiB, got {text!r}") from None
+    if not (mib > 0 and mib * 2**20 < 2**62):
+        raise ValueError(f"{WORKSPACE_ENV} must be a positive number of MiB, got {text!r}")
+    return max(1, int(mib * 2**20))
 
 
 _MODULES = {"cpp": "cpp", "triton": "triton_backend"}
@@ -48,9 +62,12 @@ def load(name: str) -> ModuleType:
 
 
 def is_available(name: str) -> bool:
+    """Whether backend ``name`` can run here (``reference`` always can)."""
+    if name == "reference":
+        return True
     try:
         load(name)
-    except (RuntimeError, ImportError):
+    except (RuntimeError, ImportError, ValueError):
         return False
     return True
 

@@ -12,7 +12,7 @@ except ImportError as exc:  # the extension was not built
     _C = None
     _IMPORT_ERROR = str(exc)
 
-from ..reference import NORM_EPS
+from ..margins import NORM_EPS
 
 FLOAT_BYTES = 4
 
@@ -72,13 +72,14 @@ def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_b
 
 
 def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, s, lse, grad_rows, workspace_bytes,
-                 class_index=None):
+                 class_index=None, weight_grad=True):
     _check_device(x_hat)
     k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), workspace_bytes)
-    return _C.lse_backward(
+    dx, dw = _C.lse_backward(
         x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse, grad_rows.float().contiguous(), float(s), k,
-        class_index,
+        class_index, weight_grad,
     )
+    return dx, dw if weight_grad else None
 
 
 # The shortcut re-reads and re-writes all of dW once per row chunk; below this

@@ -8,6 +8,7 @@ negatives use it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -21,7 +22,7 @@ except ImportError as exc:  # triton missing or broken
     triton = None
     _IMPORT_ERROR = str(exc)
 
-from ..reference import NORM_EPS
+from ..margins import NORM_EPS
 
 # float32 inputs: full-precision fp32 dots by default (the 1e-5 contract); set
 # MARGIN_KERNELS_TF32=1 to trade ~3e-4 relative error for tensor-core speed.
@@ -50,17 +51,38 @@ def _check(*tensors: Tensor) -> None:
             raise RuntimeError(f"backend='triton' needs CUDA tensors, got one on {t.device}")
 
 
+def device_guard(device: torch.device):
+    """Launch on ``device``: Triton launches on the current CUDA device, which
+    need not be the tensors' (a PartialFC shard on cuda:1 without set_device)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _upcast(weight: Tensor) -> bool:
+    """bf16 operands upcast to fp32: only under the interpreter, whose bf16 dot is wrong."""
+    return K.INTERPRET and weight.dtype == torch.bfloat16
+
+
 def _flags(weight: Tensor, class_index: Tensor | None) -> dict:
     return dict(
         HAS_INDEX=class_index is not None,
-        UPCAST=K.INTERPRET,
+        UPCAST=_upcast(weight),
         IEEE=weight.dtype == torch.float32 and not ALLOW_TF32,
     )
 
 
+def _grad_flags(weight: Tensor, class_index: Tensor | None) -> dict:
+    # fp16 gradient operands are scaled per row / column to stay below fp16's max
+    return dict(_flags(weight, class_index), SCALE=weight.dtype == torch.float16)
+
+
+def _sizes(b: int, c: int, d: int, stride_x: int, stride_w: int, s: float) -> tuple:
+    """The kernels' size arguments, with the bucketed B and C of the autotune key."""
+    return b, c, d, stride_x, stride_w, float(s), K.autotune_bucket(b), K.autotune_bucket(c)
+
+
 def _operand(x_hat: Tensor, weight: Tensor) -> Tensor:
-    """x_hat in the dtype of the tensor-core operands (fp32 kept when interpreting)."""
-    return x_hat if K.INTERPRET else x_hat.to(weight.dtype).contiguous()
+    """x_hat in the dtype of the tensor-core operands (fp32 kept when upcasting)."""
+    return x_hat if _upcast(weight) else x_hat.to(weight.dtype).contiguous()
 
 
 def _num_classes(weight: Tensor, class_index: Tensor | None) -> int:
@@ -71,17 +93,59 @@ def _index_arg(weight: Tensor, class_index: Tensor | None) -> Tensor:
     return class_index if class_index is not None else weight  # unused pointer when HAS_INDEX is False
 
 
+# ---------------------------------------------------------------- launch grids
+# CUDA allows 2^31 - 1 programs on grid axis 0 and 65,535 on axes 1 and 2: the
+# axes that grow with C (class tiles, class rows) are always axis 0.
+
+def norm_grid(c: int, block_r: int = 64) -> tuple[int]:
+    return (triton.cdiv(c, block_r),)
+
+
+def project_grid(c: int) -> tuple[int]:
+    return (c,)
+
+
+def forward_splits(b: int, c: int, workspace_bytes: int) -> int:
+    """Class splits per row tile in the forward: enough programs to fill the GPU,
+    at most one per class tile, and B x splits partials within the workspace."""
+    min_block_m, min_block_n = 64, 64
+    splits = max(1, min(triton.cdiv(FORWARD_PROGRAMS, triton.cdiv(b, min_block_m)), triton.cdiv(c, min_block_n)))
+    return max(1, min(splits, workspace_bytes // max(8 * b, 1)))
+
+
+def forward_grid(b: int, splits: int, meta: dict) -> tuple[int, int]:
+    return triton.cdiv(b, meta["BLOCK_M"]), splits
+
+
+def atomic_grid(b: int, c: int, meta: dict) -> tuple[int, int]:
+    return triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(b, meta["BLOCK_M"])
+
+
+def dw_grid(c: int, d: int, meta: dict) -> tuple[int, int]:
+    return triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"])
+
+
+def dx_grid(b: int, c: int, d: int, meta: dict) -> tuple[int, int, int]:
+    """(row tiles, class splits, D chunks) of the split backward's dx kernel:
+    enough class splits to fill the GPU, each an fp32 atomic add of its partial."""
+    tiles = triton.cdiv(b, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"])
+    splits = max(1, min(triton.cdiv(FORWARD_PROGRAMS, tiles), triton.cdiv(c, meta["BLOCK_N"])))
+    return triton.cdiv(b, meta["BLOCK_M"]), splits, triton.cdiv(d, meta["BLOCK_D"])
+
+
+# ---------------------------------------------------------------- the contract
+
 def row_inv_norms(weight: Tensor, class_index: Tensor | None = None) -> Tensor:
     _check(weight)
     c, d = _num_classes(weight, class_index), weight.shape[1]
     out = torch.empty(c, dtype=torch.float32, device=weight.device)
     if c == 0:
         return out
-    block_r = 64
-    K.row_inv_norm_kernel[(triton.cdiv(c, block_r),)](
-        weight, _index_arg(weight, class_index), out, c, d, weight.stride(0), NORM_EPS,
-        HAS_INDEX=class_index is not None, BLOCK_R=block_r, BLOCK_K=64,
-    )
+    with device_guard(weight.device):
+        K.row_inv_norm_kernel[norm_grid(c)](
+            weight, _index_arg(weight, class_index), out, c, d, weight.stride(0), NORM_EPS,
+            HAS_INDEX=class_index is not None, BLOCK_R=64, BLOCK_K=64,
+        )
     return out
 
 
@@ -92,64 +156,83 @@ def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_b
     c = _num_classes(weight, class_index)
     if b == 0:
         return torch.empty(0, dtype=torch.float32, device=x_hat.device)
-    min_block_m, min_block_n = 64, 64
-    row_tiles = triton.cdiv(b, min_block_m)
-    splits = max(1, min(triton.cdiv(FORWARD_PROGRAMS, row_tiles), triton.cdiv(c, min_block_n)))
-    splits = max(1, min(splits, workspace_bytes // max(8 * b, 1)))
+    splits = forward_splits(b, c, workspace_bytes)
     part_max = torch.empty(splits, b, dtype=torch.float32, device=x_hat.device)
     part_sum = torch.empty_like(part_max)
-    grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), splits)  # noqa: E731
-    K.lse_forward_kernel[grid](
-        _operand(x_hat, weight), weight, w_inv, labels_local, target_logit, _index_arg(weight, class_index),
-        part_max, part_sum, b, c, d, x_hat.shape[1], weight.stride(0), float(s), **_flags(weight, class_index),
-    )
+    with device_guard(x_hat.device):
+        K.lse_forward_kernel[lambda meta: forward_grid(b, splits, meta)](
+            _operand(x_hat, weight), weight, w_inv, labels_local, target_logit, _index_arg(weight, class_index),
+            part_max, part_sum, *_sizes(b, c, d, x_hat.shape[1], weight.stride(0), s), **_flags(weight, class_index),
+        )
     # Splits that got no class tile hold (-inf, 0): log(0) = -inf drops out.
     return torch.logsumexp(part_max + part_sum.log(), dim=0)
 
 
+def chunk_classes(c: int, d: int, weight_dtype: torch.dtype, workspace_bytes: int) -> int:
+    """Classes per backward launch. fp32 weights accumulate straight into dW (one
+    launch); bf16/fp16 weights accumulate in an fp32 scratch of at most
+    ``workspace_bytes`` (at least one 256-class tile row), projected and cast
+    into dW chunk by chunk, so no fp32 copy of the whole [C, D] exists."""
+    if weight_dtype == torch.float32:
+        return max(c, 1)
+    return max(256, workspace_bytes // (4 * max(d, 1)))
+
+
 def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, s, lse, grad_rows,
-                 workspace_bytes, class_index=None):
-    """(dx_hat fp32 [B, D], dW [C or K, D] in weight's dtype), by the strategy in
-    ``BACKWARD`` (env MARGIN_KERNELS_TRITON_BACKWARD)."""
+                 workspace_bytes, class_index=None, weight_grad=True):
+    """(dx_hat fp32 [B, D], dW [C or K, D] in weight's dtype, or None without
+    ``weight_grad``), by the strategy in ``BACKWARD`` (env MARGIN_KERNELS_TRITON_BACKWARD)."""
     if BACKWARD not in BACKWARDS:
         raise ValueError(f"MARGIN_KERNELS_TRITON_BACKWARD must be one of {BACKWARDS}, got {BACKWARD!r}")
     _check(x_hat, weight)
     b, d = x_hat.shape
     c = _num_classes(weight, class_index)
     dx = torch.zeros(b, d, dtype=torch.float32, device=x_hat.device)
-    acc = (torch.zeros if BACKWARD == "atomic" else torch.empty)(c, d, dtype=torch.float32, device=x_hat.device)
-    if b > 0 and c > 0:
-        args = (_operand(x_hat, weight), weight, w_inv, labels_local, target_logit, target_slope, lse,
-                grad_rows.float().contiguous(), _index_arg(weight, class_index))
-        sizes = (b, c, d, x_hat.shape[1], weight.stride(0), float(s))
-        flags = _flags(weight, class_index)
-        if BACKWARD == "atomic":
-            grid = lambda meta: (triton.cdiv(b, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]))  # noqa: E731
-            K.lse_backward_kernel[grid](*args, dx, acc, *sizes, **flags)
-        else:
-            grid_dw = lambda meta: (triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
-            K.lse_backward_dw_kernel[grid_dw](*args, acc, *sizes, **flags)
-            K.lse_backward_dx_kernel[_dx_grid(b, c, d)](*args, dx, *sizes, **flags)
-    elif BACKWARD == "split":
-        acc.zero_()
-    # fp32 weights: project in place; others: one cast at the end (the fp32
-    # accumulator is then extra C x D x 4 bytes).
-    dw = acc if weight.dtype == torch.float32 else torch.empty(c, d, dtype=weight.dtype, device=weight.device)
-    if c > 0:
-        K.project_rows_kernel[(c,)](
-            acc, weight, w_inv, _index_arg(weight, class_index), dw, c, d, weight.stride(0),
-            HAS_INDEX=class_index is not None, BLOCK_D=triton.next_power_of_2(d),
-        )
+    dw = torch.empty(c, d, dtype=weight.dtype, device=weight.device) if weight_grad else None
+    if c == 0 or b == 0:
+        return dx, dw.zero_() if weight_grad else None
+    x_op, g = _operand(x_hat, weight), grad_rows.float().contiguous()
+    flags = _grad_flags(weight, class_index)
+    step = chunk_classes(c, d, weight.dtype, workspace_bytes)
+    scratch = None if weight.dtype == torch.float32 or not weight_grad else torch.empty(
+        min(step, c), d, dtype=torch.float32, device=weight.device)
+    with device_guard(x_hat.device):
+        if not weight_grad:  # a frozen weight: dx only, no dW products, no dW memory
+            if BACKWARD == "atomic":
+                sizes = _sizes(b, c, d, x_hat.shape[1], weight.stride(0), s)
+                K.lse_backward_kernel[lambda meta: atomic_grid(b, c, meta)](
+                    x_op, weight, w_inv, labels_local, target_logit, target_slope, lse, g,
+                    _index_arg(weight, class_index), dx, dx.new_empty(1), *sizes, **flags, WITH_DW=False)
+                return dx, None
+        if BACKWARD == "split":
+            sizes = _sizes(b, c, d, x_hat.shape[1], weight.stride(0), s)
+            K.lse_backward_dx_kernel[lambda meta: dx_grid(b, c, d, meta)](
+                x_op, weight, w_inv, labels_local, target_logit, target_slope, lse, g,
+                _index_arg(weight, class_index), dx, *sizes, **flags,
+            )
+            if not weight_grad:
+                return dx, None
+        for c0 in range(0, c, step):
+            c1 = min(c0 + step, c)
+            # The chunk as a problem of its own: views of W (or of the index)
+            # and w_inv, labels shifted so that only its own targets match.
+            w_part = weight if class_index is not None else weight[c0:c1]
+            index_part = None if class_index is None else class_index[c0:c1]
+            inv_part = w_inv[c0:c1]
+            labels_part = labels_local - c0 if c0 else labels_local
+            acc = dw[c0:c1] if scratch is None else scratch[: c1 - c0]
+            args = (x_op, w_part, inv_part, labels_part, target_logit, target_slope, lse, g,
+                    _index_arg(w_part, index_part))
+            sizes = _sizes(b, c1 - c0, d, x_hat.shape[1], weight.stride(0), s)
+            if BACKWARD == "atomic":
+                acc.zero_()
+                K.lse_backward_kernel[lambda meta: atomic_grid(b, c1 - c0, meta)](*args, dx, acc, *sizes, **flags,
+                                                                                   WITH_DW=True)
+            else:
+                K.lse_backward_dw_kernel[lambda meta: dw_grid(c1 - c0, d, meta)](*args, acc, *sizes, **flags)
+            # dW = acc projected off w; in place for fp32, cast into dW otherwise
+            K.project_rows_kernel[project_grid(c1 - c0)](
+                acc, w_part, inv_part, _index_arg(w_part, index_part), dw[c0:c1], c1 - c0, d, weight.stride(0),
+                HAS_INDEX=class_index is not None, BLOCK_D=triton.next_power_of_2(d),
+            )
     return dx, dw
-
-
-def _dx_grid(b: int, c: int, d: int):
-    """(row tiles, class splits, D chunks) of the split backward's dx kernel:
-    enough class splits to fill the GPU, each an fp32 atomic add of its partial."""
-
-    def grid(meta):
-        tiles = triton.cdiv(b, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"])
-        splits = max(1, min(triton.cdiv(FORWARD_PROGRAMS, tiles), triton.cdiv(c, meta["BLOCK_N"])))
-        return triton.cdiv(b, meta["BLOCK_M"]), splits, triton.cdiv(d, meta["BLOCK_D"])
-
-    return grid

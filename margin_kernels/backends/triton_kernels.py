@@ -6,8 +6,14 @@ the logits once each; and the small row-norm / projection kernels.
 
 Every kernel reads class rows through an optional ``class_index`` so that a
 sampled subset of W is used without copying it. Under ``TRITON_INTERPRET=1``
-(CPU tests) operands are upcast to fp32 before ``tl.dot`` (the interpreter's
-bf16 dot is wrong) and a single configuration is used.
+(CPU tests) bf16 operands are upcast to fp32 before ``tl.dot`` (the
+interpreter's bf16 dot is wrong; its fp16 dot is right, so fp16 runs as on a
+GPU) and a single configuration is used.
+
+Offsets into the [C, D] and [B, D] buffers are int64 (``_offsets``): C·D passes
+2^31 at C > 4,194,304 for D = 512, and an int32 offset would wrap onto another
+valid row. Class tiles sit on grid axis 0 (up to 2^31 - 1 programs), never on
+axes 1 and 2 (65,535).
 """
 from __future__ import annotations
 
@@ -17,6 +23,18 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Tuned once per (power-of-two B, power-of-two C, D): a new batch size (the last
+# batch, evaluation) must not retune, each trial of the atomic backward zeroing a
+# [C, D] buffer. B_BUCKET and C_BUCKET are arguments for the key only.
+AUTOTUNE_KEY = ["B_BUCKET", "C_BUCKET", "D"]
+# 2^14: gradient tiles are scaled below it before an fp16 cast (fp16 max 65,504)
+FP16_MAX_OPERAND = tl.constexpr(16384.0)
+
+
+def autotune_bucket(n: int) -> int:
+    """The power of two at or above n (1 for n <= 1): the autotune key's B and C."""
+    return 1 << max(int(n) - 1, 0).bit_length()
 
 
 def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
@@ -58,13 +76,55 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _offsets(rows, stride, ks):
+    """int64 offsets of the elements (rows[i], ks[k]) of a matrix whose rows are
+    ``stride`` apart: the row index is widened before the multiply."""
+    return rows.to(tl.int64)[:, None] * stride + ks[None, :]
+
+
+@triton.jit
+def _fp16_scale(e, AXIS: tl.constexpr):
+    """A power-of-two scale per row (AXIS=1) or per column (AXIS=0) of e that
+    brings its largest |value| to at most 2^14, so that the cast to an fp16
+    operand cannot overflow: where a target cosine rounds to +-1 the margin's
+    slope is steep, and that one entry must not turn the tile into inf. Powers of
+    two: scaling and unscaling are exact."""
+    amax = tl.max(tl.abs(e), axis=AXIS)
+    return tl.exp2(-tl.ceil(tl.log2(tl.maximum(amax / FP16_MAX_OPERAND, 1.0))))
+
+
+@triton.jit
 def _grad_operands(e, blk, UPCAST: tl.constexpr):
     """The fp32 gradient tile e and a loaded block as operands of one dtype: the
-    block's (tensor cores), or fp32 when interpreting."""
+    block's (tensor cores), or fp32 when upcasting."""
     if UPCAST:
         return e, blk.to(tl.float32)
     else:
         return e.to(blk.dtype), blk
+
+
+@triton.jit
+def _grad_dx(e, w_blk, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr):
+    """e . W_blk in fp32; with SCALE (fp16 operands) e's rows are scaled first."""
+    if SCALE:
+        scale = _fp16_scale(e, 1)
+        a, b = _grad_operands(e * scale[:, None], w_blk, UPCAST)
+        return _dot(a, b, IEEE) / scale[:, None]
+    else:
+        a, b = _grad_operands(e, w_blk, UPCAST)
+        return _dot(a, b, IEEE)
+
+
+@triton.jit
+def _grad_dw(e, x_blk, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr):
+    """e^T . x_blk in fp32; with SCALE (fp16 operands) e's columns are scaled first."""
+    if SCALE:
+        scale = _fp16_scale(e, 0)
+        a, b = _grad_operands(e * scale[None, :], x_blk, UPCAST)
+        return _dot(tl.trans(a), b, IEEE) / scale[:, None]
+    else:
+        a, b = _grad_operands(e, x_blk, UPCAST)
+        return _dot(tl.trans(a), b, IEEE)
 
 
 @triton.jit
@@ -79,8 +139,8 @@ def _logits_tile(X, W, rows, w_rows, D, stride_x, stride_w,
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = (ks < D)[None, :]
-        a = tl.load(X + rows[:, None] * stride_x + ks[None, :], mask=k_ok, other=0.0)
-        b = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=k_ok, other=0.0)
+        a = tl.load(X + _offsets(rows, stride_x, ks), mask=k_ok, other=0.0)
+        b = tl.load(W + _offsets(w_rows, stride_w, ks), mask=k_ok, other=0.0)
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -122,11 +182,11 @@ def _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LS
     return tl.where(row_ok[:, None] & col_ok[None, :], e * inv[None, :], 0.0)
 
 
-@triton.autotune(configs=_configs("fwd"), key=["B", "C", "D"])  # D: the embedding size
+@triton.autotune(configs=_configs("fwd"), key=AUTOTUNE_KEY)
 @triton.jit
 def lse_forward_kernel(
     X, W, W_INV, LABELS, TARGET, CLASS_INDEX, PART_MAX, PART_SUM,
-    B, C, D, stride_x, stride_w, scale,
+    B, C, D, stride_x, stride_w, scale, B_BUCKET, C_BUCKET,
     HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -155,23 +215,26 @@ def lse_forward_kernel(
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m_i = m_new
-    tl.store(PART_MAX + pid_s * B + rows, m_i, mask=row_ok)
-    tl.store(PART_SUM + pid_s * B + rows, l_i, mask=row_ok)
+    part = pid_s.to(tl.int64) * B + rows
+    tl.store(PART_MAX + part, m_i, mask=row_ok)
+    tl.store(PART_SUM + part, l_i, mask=row_ok)
 
 
-@triton.autotune(configs=_configs("bwd"), key=["B", "C", "D"], reset_to_zero=["DX", "DW"])
+# DW is this launch's own scratch; DX gathers every class chunk's share, so
+# tuning trials must leave it as they found it.
+@triton.autotune(configs=_configs("bwd"), key=AUTOTUNE_KEY, reset_to_zero=["DW"], restore_value=["DX"])
 @triton.jit
 def lse_backward_kernel(
     X, W, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, CLASS_INDEX, DX, DW,
-    B, C, D, stride_x, stride_w, scale,
-    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    B, C, D, stride_x, stride_w, scale, B_BUCKET, C_BUCKET,
+    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr,
+    WITH_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program (row tile, class tile): recompute the logits, form
+    """Program (class tile, row tile): recompute the logits, form
     e = g s (p - onehot) * slope_at_target / ||w||, then add e . W into dx and
-    e^T . x_hat into dW (both fp32, through atomics, D chunk by chunk)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    (WITH_DW) e^T . x_hat into dW (both fp32, through atomics, D chunk by chunk)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < B
     safe_rows = tl.minimum(rows, B - 1)
@@ -183,22 +246,21 @@ def lse_backward_kernel(
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < D
-        w_blk = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=k_ok[None, :], other=0.0)
-        x_blk = tl.load(X + safe_rows[:, None] * stride_x + ks[None, :], mask=k_ok[None, :], other=0.0)
-        e_w, w_blk = _grad_operands(e, w_blk, UPCAST)
-        e_x, x_blk = _grad_operands(e, x_blk, UPCAST)
-        dx = _dot(e_w, w_blk, IEEE)
-        dw = _dot(tl.trans(e_x), x_blk, IEEE)
-        tl.atomic_add(DX + rows[:, None] * D + ks[None, :], dx, mask=row_ok[:, None] & k_ok[None, :])
-        tl.atomic_add(DW + cols[:, None] * D + ks[None, :], dw, mask=col_ok[:, None] & k_ok[None, :])
+        w_blk = tl.load(W + _offsets(w_rows, stride_w, ks), mask=k_ok[None, :], other=0.0)
+        dx = _grad_dx(e, w_blk, UPCAST, IEEE, SCALE)
+        tl.atomic_add(DX + _offsets(rows, D, ks), dx, mask=row_ok[:, None] & k_ok[None, :])
+        if WITH_DW:
+            x_blk = tl.load(X + _offsets(safe_rows, stride_x, ks), mask=k_ok[None, :], other=0.0)
+            dw = _grad_dw(e, x_blk, UPCAST, IEEE, SCALE)
+            tl.atomic_add(DW + _offsets(cols, D, ks), dw, mask=col_ok[:, None] & k_ok[None, :])
 
 
-@triton.autotune(configs=_configs("bwd_dw"), key=["B", "C", "D"])
+@triton.autotune(configs=_configs("bwd_dw"), key=AUTOTUNE_KEY)
 @triton.jit
 def lse_backward_dw_kernel(
     X, W, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, CLASS_INDEX, DW,
-    B, C, D, stride_x, stride_w, scale,
-    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    B, C, D, stride_x, stride_w, scale, B_BUCKET, C_BUCKET,
+    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Split backward, dW half. Program (class tile, D chunk): sweep every row
@@ -217,18 +279,17 @@ def lse_backward_dw_kernel(
         acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
         e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale)
-        x_blk = tl.load(X + safe_rows[:, None] * stride_x + ds[None, :], mask=d_ok[None, :], other=0.0)
-        e_op, x_blk = _grad_operands(e, x_blk, UPCAST)
-        dw += _dot(tl.trans(e_op), x_blk, IEEE)
-    tl.store(DW + cols[:, None] * D + ds[None, :], dw, mask=col_ok[:, None] & d_ok[None, :])
+        x_blk = tl.load(X + _offsets(safe_rows, stride_x, ds), mask=d_ok[None, :], other=0.0)
+        dw += _grad_dw(e, x_blk, UPCAST, IEEE, SCALE)
+    tl.store(DW + _offsets(cols, D, ds), dw, mask=col_ok[:, None] & d_ok[None, :])
 
 
-@triton.autotune(configs=_configs("bwd_dx"), key=["B", "C", "D"], reset_to_zero=["DX"])
+@triton.autotune(configs=_configs("bwd_dx"), key=AUTOTUNE_KEY, reset_to_zero=["DX"])
 @triton.jit
 def lse_backward_dx_kernel(
     X, W, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, CLASS_INDEX, DX,
-    B, C, D, stride_x, stride_w, scale,
-    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    B, C, D, stride_x, stride_w, scale, B_BUCKET, C_BUCKET,
+    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Split backward, dx half. Program (row tile, class split, D chunk): sweep
@@ -252,10 +313,9 @@ def lse_backward_dx_kernel(
         acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
         e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale)
-        w_blk = tl.load(W + w_rows[:, None] * stride_w + ds[None, :], mask=d_ok[None, :], other=0.0)
-        e_op, w_blk = _grad_operands(e, w_blk, UPCAST)
-        dx += _dot(e_op, w_blk, IEEE)
-    tl.atomic_add(DX + rows[:, None] * D + ds[None, :], dx, mask=row_ok[:, None] & d_ok[None, :])
+        w_blk = tl.load(W + _offsets(w_rows, stride_w, ds), mask=d_ok[None, :], other=0.0)
+        dx += _grad_dx(e, w_blk, UPCAST, IEEE, SCALE)
+    tl.atomic_add(DX + _offsets(rows, D, ds), dx, mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -272,7 +332,7 @@ def row_inv_norm_kernel(W, CLASS_INDEX, OUT, C, D, stride_w, eps,
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        v = tl.load(W + w_rows[:, None] * stride_w + ks[None, :], mask=ok[:, None] & (ks < D)[None, :], other=0.0)
+        v = tl.load(W + _offsets(w_rows, stride_w, ks), mask=ok[:, None] & (ks < D)[None, :], other=0.0)
         v = v.to(tl.float32)
         acc += tl.sum(v * v, axis=1)
     norm = tl.sqrt(acc)
@@ -285,15 +345,15 @@ def project_rows_kernel(G, W, W_INV, CLASS_INDEX, OUT, C, D, stride_w,
                         HAS_INDEX: tl.constexpr, BLOCK_D: tl.constexpr):
     """OUT[j] = G[j] - w_j inv_j^2 (w_j . G[j]), cast to OUT's dtype: d/dw from
     G = inv_j d/d(w_hat_j). One program per class row; BLOCK_D >= D."""
-    j = tl.program_id(0)
+    j = tl.program_id(0).to(tl.int64)
     ks = tl.arange(0, BLOCK_D)
     k_ok = ks < D
     if HAS_INDEX:
         w_row = tl.load(CLASS_INDEX + j)
     else:
         w_row = j
-    g = tl.load(G + j * D + ks, mask=k_ok, other=0.0)
-    w = tl.load(W + w_row * stride_w + ks, mask=k_ok, other=0.0).to(tl.float32)
+    g = tl.load(G + (j * D + ks), mask=k_ok, other=0.0)
+    w = tl.load(W + (w_row * stride_w + ks), mask=k_ok, other=0.0).to(tl.float32)
     inv = tl.load(W_INV + j)
     out = g - w * (inv * inv * tl.sum(w * g, axis=0))
-    tl.store(OUT + j * D + ks, out.to(OUT.dtype.element_ty), mask=k_ok)
+    tl.store(OUT + (j * D + ks), out.to(OUT.dtype.element_ty), mask=k_ok)

@@ -25,7 +25,7 @@ from dataclasses import asdict
 
 from .memory import mem_available
 from .report import Progress, format_overheads, format_scale, format_table, mib, plot, useful_tflops
-from .steps import BASELINES, CPP_GEMMS, FLOOR, FLOORS, TRITON_SPLIT
+from .steps import BASELINES, CPP_GEMMS, FLOOR, FLOORS, PEERS, TRITON_SPLIT
 from .worker import Case, Result, run_case, spawn
 
 SIZES = {
@@ -112,7 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, help="embedding size D")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--margin", choices=MARGINS, default="arcface", help="'none' adds torch's linear_cross_entropy")
-    p.add_argument("--backends", nargs="+", help=f"implementations to run (default: all available; baselines: {BASELINES})")
+    p.add_argument("--backends", nargs="+", help=f"implementations to run (default: all available; baselines: {BASELINES}; "
+                   f"with --margin none on CUDA also the peers {PEERS})")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions after the warm-up (median reported)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", metavar="PATH", help="write all measurements to PATH")
@@ -139,7 +140,7 @@ def parse_args(argv=None):
         p.error(f"--classes must all be >= 1, got {args.classes}")
     if args.budget_gib <= 0:
         p.error("--budget-gib must be > 0")
-    known = set(BASELINES) | set(FLOORS) | {"cpp", "triton", TRITON_SPLIT}
+    known = set(BASELINES) | set(FLOORS) | set(PEERS) | {"cpp", "triton", TRITON_SPLIT}
     for b in args.backends or []:
         if b not in known:
             p.error(f"unknown implementation {b!r}; choose from {sorted(known)}")

@@ -7,6 +7,10 @@ CPP_GEMMS = "cpp-gemms"
 TRITON_SPLIT = "triton-split"
 FLOORS = (FLOOR, CPP_GEMMS)  # bare GEMMs: timed, but no memory or loss of their own
 BASELINES = ("reference", "insightface", "torch-linear-ce")
+# Fused linear cross-entropy of other libraries (plain softmax over x W^T, --margin
+# none; ours runs NormSoftmax there): apple's cut-cross-entropy and Liger-Kernel.
+# Both are Triton kernels for CUDA; benchmarks/fetch_peers.sh gets their wheels.
+PEERS = ("cce", "liger")
 
 
 def margin_spec(name: str):
@@ -66,6 +70,9 @@ def make_step(impl: str, margin_name: str, x, w, y):
         def step():
             F.linear_cross_entropy(x, w, y).backward()
 
+    elif impl in PEERS:
+        step = _peer_step(impl, x, w, y)
+
     elif impl == FLOOR:
         dz = torch.randn(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
 
@@ -83,6 +90,20 @@ def make_step(impl: str, margin_name: str, x, w, y):
     return step
 
 
+def _peer_step(impl: str, x, w, y):
+    """One fwd+bwd of a peer library's fused linear cross-entropy, with its
+    defaults (cut-cross-entropy filters small gradient entries by default)."""
+    if x.device.type != "cuda":
+        raise RuntimeError(f"{impl} runs on CUDA only")
+    if impl == "cce":
+        from cut_cross_entropy import linear_cross_entropy
+
+        return lambda: linear_cross_entropy(x, w, y).backward()
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    return lambda: LigerFusedLinearCrossEntropyFunction.apply(x, w, y)[0].backward()
+
+
 def _cpp_gemms_step(x, w):
     """The GEMMs the cpp backend runs for this problem, at its block sizes and
     operand types, with no epilogue. Class-blocked sweep: forward logits per
@@ -95,7 +116,7 @@ def _cpp_gemms_step(x, w):
     from margin_kernels import backends
 
     cpp = backends.load("cpp")
-    workspace = backends.DEFAULT_WORKSPACE_BYTES
+    workspace = backends.default_workspace_bytes()
     batch, dim, classes = x.shape[0], x.shape[1], w.shape[0]
     on_cuda = x.device.type == "cuda"
     # CUDA: operands in the input dtype, fp32 out (cuBLAS); CPU: fp32 blocks.

@@ -1,0 +1,56 @@
+"""One screen of a gpu_run.sh first-look: the machine, the build, the large-C
+check, both benchmark tables and the test counts, as markdown.
+
+    python3 benchmarks/first_look_summary.py gpu_results > summary.md
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _table(path: Path) -> str:
+    """The table lines of a bench text output (from its title to the legend)."""
+    text = _read(path)
+    if not text:
+        return "(not run)"
+    keep = [line for line in text.splitlines() if not line.startswith(("measurements written", "plot written"))
+            and not line.startswith("[")]  # progress lines
+    return "\n".join(keep[-40:])
+
+
+def summarize(out: Path) -> str:
+    lines = ["# first look", "", "```", _read(out / "gpu.txt").strip(), "```", ""]
+    steps = _read(out / "steps.txt").strip()
+    lines += ["## Steps", "", "```", steps or "(none ran)", "```", ""]
+    lines += ["## Large-C check (fused loss against a float32 oracle)", ""]
+    large = out / "large_c.json"
+    if large.exists():
+        data = json.loads(large.read_text())
+        lines.append(f"B={data['batch']} D={data['dim']} C={data['classes']:,} {data['dtype']} on {data['device']}, "
+                     f"tolerance {data['tolerance']:g}")
+        lines += ["", "| backend | verdict | loss | dx | dW | seconds |", "|---|---|---|---|---|---|"]
+        for r in data["rows"]:
+            if "loss" in r:
+                lines.append(f"| {r['backend']} | {'PASS' if r['ok'] else 'FAIL'} | {r['loss']:.1e} | {r['dx']:.1e} | "
+                             f"{r['dW']:.1e} | {r['seconds']} |")
+            else:
+                lines.append(f"| {r['backend']} | FAIL | {r.get('error', '')} | | | |")
+    else:
+        lines.append("(not run; see large_c.txt)")
+    for name, title in (("bench_margin", "ArcFace fwd+bwd"), ("bench_plain", "Plain linear cross-entropy (peers)")):
+        lines += ["", f"## {title}", "", "```", _table(out / f"{name}.txt"), "```"]
+    tests = _read(out / "tests.txt")
+    counts = re.findall(r"^(?:=+ )?(\d+ (?:passed|failed|tests collected).*?)(?: in [\d.]+s.*)?$", tests, re.M)
+    lines += ["", "## Tests", "", counts[-1] if counts else "(no result; see tests.txt)"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(summarize(Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_results")), end="")

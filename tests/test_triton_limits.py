@@ -1,0 +1,243 @@
+"""The Triton path at the scale the library advertises, proved without a GPU:
+64-bit index math at 10M classes, launch grids inside CUDA's limits up to 100M
+classes, launches on the tensors' device, fp16 gradient tiles that stay finite,
+bucketed autotuning, and no fp32 copy of a bf16 weight's gradient."""
+import pytest
+import torch
+
+import margin_kernels as mk
+from margin_kernels import backends
+
+from conftest import backend_device, make_problem, rel_err
+
+pytestmark = pytest.mark.skipif(not backends.is_available("triton"), reason="triton backend unavailable")
+
+DEVICE = backend_device("triton")
+AXIS0_MAX, AXIS12_MAX = 2**31 - 1, 65_535
+
+
+@pytest.fixture(scope="module")
+def tb():
+    from margin_kernels.backends import triton_backend
+
+    return triton_backend
+
+
+@pytest.fixture(params=["atomic", "split"])
+def strategy(request, tb, monkeypatch):
+    monkeypatch.setattr(tb, "BACKWARD", request.param)
+    return request.param
+
+
+# ---------------------------------------------------------------- 64-bit offsets
+
+if backends.is_available("triton"):
+    import triton
+    import triton.language as tl
+
+    from margin_kernels.backends.triton_kernels import _offsets, _tile_columns
+
+    @triton.jit
+    def offsets_kernel(OUT, CLASS_INDEX, pid_n, C, stride_w, D, HAS_INDEX: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The offsets the kernels load W's last 4 columns of class tile pid_n from."""
+        cols, col_ok, w_rows = _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
+        ks = D - 4 + tl.arange(0, 4)
+        tl.store(OUT + tl.arange(0, BLOCK_N)[:, None] * 4 + tl.arange(0, 4)[None, :], _offsets(w_rows, stride_w, ks))
+
+
+def test_offsets_of_the_last_row_at_10m_classes():
+    """The kernels' column -> W row -> element offset math, run under the
+    interpreter (or on the GPU) at C = 10M, D = 512 without allocating W: the
+    last class's last element sits at 5,119,999,999 > 2^31."""
+    c, d, block_n = 10_000_000, 512, 64
+    last_tile = (c - 1) // block_n
+    for has_index in (False, True):
+        out = torch.zeros(block_n, 4, dtype=torch.int64, device=DEVICE)
+        index = torch.arange(c - block_n, c, device=DEVICE)  # the last 64 classes, as positions 0..63
+        if has_index:
+            offsets_kernel[(1,)](out, index, 0, block_n, d, d, HAS_INDEX=True, BLOCK_N=block_n)
+        else:
+            offsets_kernel[(1,)](out, index, last_tile, c, d, d, HAS_INDEX=False, BLOCK_N=block_n)
+        cls = c - block_n + torch.arange(block_n) if has_index else torch.clamp(
+            last_tile * block_n + torch.arange(block_n), max=c - 1)
+        expected = cls[:, None] * d + torch.arange(d - 4, d)[None, :]
+        assert torch.equal(out.cpu(), expected), has_index
+        assert int(out.max()) == c * d - 1 == 5_119_999_999
+
+
+# ---------------------------------------------------------------- launch grids
+
+@pytest.mark.parametrize("c", [1, 4_200_000, 10_000_000, 100_000_000])
+@pytest.mark.parametrize("b", [1, 1024, 65_536])
+def test_every_launch_grid_fits_cuda_limits(tb, c, b):
+    from margin_kernels.backends import triton_kernels as K
+
+    d = 512
+
+    def fits(grid):
+        assert 1 <= grid[0] <= AXIS0_MAX and all(1 <= g <= AXIS12_MAX for g in grid[1:]), grid
+
+    fits(tb.norm_grid(c))
+    fits(tb.project_grid(c))
+    for kind in ("fwd", "bwd", "bwd_dw", "bwd_dx"):
+        for cfg in K._configs(kind, interpret=False) + K._configs(kind, interpret=True):
+            meta = cfg.kwargs
+            if kind == "fwd":
+                fits(tb.forward_grid(b, tb.forward_splits(b, c, 2**26), meta))
+            elif kind == "bwd":
+                fits(tb.atomic_grid(b, c, meta))
+            elif kind == "bwd_dw":
+                fits(tb.dw_grid(c, d, meta))
+            else:
+                fits(tb.dx_grid(b, c, d, meta))
+
+
+# ---------------------------------------------------------------- device guard
+
+def test_device_guard_selects_the_tensors_device(tb):
+    guard = tb.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(tb.device_guard(torch.device("cpu")), torch.cuda.device)
+
+
+def test_every_launch_runs_under_the_device_guard(tb, strategy, monkeypatch):
+    """A PartialFC shard on cuda:1 without set_device must launch on cuda:1:
+    every function of the backend that launches a kernel enters the guard for
+    its tensors' device first."""
+    from margin_kernels.backends import triton_kernels as K
+
+    state = {"inside": 0, "devices": []}
+
+    class Recorder:
+        def __init__(self, device):
+            state["devices"].append(torch.device(device))
+
+        def __enter__(self):
+            state["inside"] += 1
+
+        def __exit__(self, *exc):
+            state["inside"] -= 1
+
+    unguarded = []
+    for name in ("row_inv_norm_kernel", "lse_forward_kernel", "lse_backward_kernel", "lse_backward_dw_kernel",
+                 "lse_backward_dx_kernel", "project_rows_kernel"):
+        kernel = getattr(K, name)
+        original = kernel.__getitem__
+
+        def getitem(grid, original=original, name=name):
+            if not state["inside"]:
+                unguarded.append(name)
+            return original(grid)
+
+        monkeypatch.setattr(kernel, "__getitem__", getitem, raising=False)
+    monkeypatch.setattr(tb, "device_guard", Recorder)
+    # __getitem__ is looked up on the type: route the type's through the instance's
+    for cls in {type(getattr(K, n)) for n in ("lse_forward_kernel", "row_inv_norm_kernel")}:
+        monkeypatch.setattr(cls, "__getitem__", lambda self, grid: self.__dict__["__getitem__"](grid))
+    x, w, y = make_problem(9, 16, 70, seed=4)
+    x, w = x.to(DEVICE).requires_grad_(True), w.to(DEVICE).requires_grad_(True)
+    mk.margin_cross_entropy(x, w, y.to(DEVICE), mk.ArcFace(), backend="triton").backward()
+    assert not unguarded
+    assert state["devices"] and all(dev == x.device for dev in state["devices"])
+
+
+# ---------------------------------------------------------------- fp16 tiles
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_fp16_gradient_tile_stays_finite_where_cos_is_one(tb, strategy, sign):
+    """A target column with cos = +-1 has a slope near 1/SIN_EPS; the gradient
+    tile there is ~1e8, far past fp16's 65,504. Scaled per row / column before
+    the fp16 cast, the products stay finite and match a float64 product."""
+    from margin_kernels.margins import target_logit
+
+    b, d, c, s = 4, 32, 90, 64.0
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(c, d, generator=g) * 0.05).half()  # small norms: 1/||w|| ~ 4 scales the tile up
+    x_hat = torch.nn.functional.normalize(torch.randn(b, d, generator=g))
+    y = torch.tensor([3, 10, 20, 30])
+    w[y] = (sign * x_hat * 0.05 * d**0.5).half()  # the target row along +-x: cos rounds to +-1
+    w[y + 1] = (x_hat * 0.05 * d**0.5).half()  # a rival along x, so that p_target is far from 1
+    x_hat = torch.nn.functional.normalize(x_hat.half().float())
+    w_inv = 1.0 / w.float().norm(dim=1)
+    cos_y = (x_hat * w.float()[y] * w_inv[y, None]).sum(1)
+    t, slope = target_logit(cos_y, mk.ArcFace().row_margins(b), overflow="none")
+    dev = lambda v: v.to(DEVICE)  # noqa: E731
+    w_inv_k = tb.row_inv_norms(dev(w))
+    lse = tb.lse_forward(dev(x_hat), dev(w), w_inv_k, dev(y), dev(s * t), s, 2**26)
+    grad = torch.ones(b)
+    dx, dw = tb.lse_backward(dev(x_hat), dev(w), w_inv_k, dev(y), dev(s * t), dev(slope), s, lse, dev(grad), 2**26)
+    assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
+
+    # float64 oracle of the tile products, from the same fp16 operands
+    x16, w64 = x_hat.half().double(), w.double()
+    inv = 1.0 / w64.norm(dim=1)
+    z = s * (x16 @ w64.t()) * inv
+    z[torch.arange(b), y] = s * t.double()
+    p = torch.softmax(z, dim=1)
+    e = s * p
+    e[torch.arange(b), y] = s * (p[torch.arange(b), y] - 1) * slope.double()
+    e = e * inv
+    assert e.abs().max() > 4 * 65504  # the steep case: past fp16's range
+    assert rel_err(dx.cpu(), e @ w64) < 2e-3
+    g_w = e.t() @ x16
+    dw_ref = g_w - w64 * (inv**2 * (w64 * g_w).sum(1))[:, None]
+    assert rel_err(dw.double().cpu(), dw_ref) < 2e-3
+
+
+# ---------------------------------------------------------------- autotuning
+
+def test_autotune_key_is_bucketed(tb, monkeypatch):
+    """Tuned once per power-of-two B and C: the last batch or an eval batch must
+    not retune (each trial of the atomic backward zeroes a [C, D] buffer)."""
+    from margin_kernels.backends import triton_kernels as K
+
+    assert K.autotune_bucket(1) == 1 and K.autotune_bucket(37) == 64 and K.autotune_bucket(64) == 64
+    assert K.autotune_bucket(1_000_001) == 2**20
+    for kernel in (K.lse_forward_kernel, K.lse_backward_kernel, K.lse_backward_dw_kernel, K.lse_backward_dx_kernel):
+        assert list(kernel.keys) == ["B_BUCKET", "C_BUCKET", "D"]
+    seen = []
+    original = K.lse_forward_kernel.run
+
+    def spy(*args, **kwargs):
+        names = K.lse_forward_kernel.arg_names
+        seen.append(tuple(args[names.index(n)] for n in ("B_BUCKET", "C_BUCKET", "D")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(K.lse_forward_kernel, "run", spy)
+    for b in (37, 40, 64):
+        x, w, y = make_problem(b, 16, 100, seed=b)
+        with torch.no_grad():
+            mk.margin_cross_entropy(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), mk.ArcFace(), backend="triton")
+    assert seen == [(64, 128, 16)] * 3
+
+
+# ---------------------------------------------------------------- half weights
+
+def test_half_weight_gradient_never_holds_an_fp32_copy_of_w(tb, strategy):
+    """bf16 / fp16 weights: dW is accumulated in an fp32 scratch of at most the
+    workspace, class chunk by class chunk, never in an fp32 [C, D]."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    b, d, c = 21, 24, 900
+    workspace = 256 * d * 4  # 256 classes a chunk: four chunks, the last one partial
+    allocs = []
+
+    class Allocations(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32:
+                allocs.append(out.numel())
+            return out
+
+    x, w, y = make_problem(b, d, c, dtype=torch.bfloat16, seed=5, ignore=(2,))
+    xt, wt = x.to(DEVICE, copy=True).requires_grad_(True), w.to(DEVICE, copy=True).requires_grad_(True)
+    with Allocations():
+        loss = mk.margin_cross_entropy(xt, wt, y.to(DEVICE), mk.ArcFace(), backend="triton", workspace_bytes=workspace)
+        loss.backward()
+    assert max(allocs) < c * d, max(allocs)
+    assert wt.grad.dtype == torch.bfloat16
+    full = w.float().requires_grad_(True)
+    xf = x.float().requires_grad_(True)
+    mk.margin_cross_entropy(xf, full, y, mk.ArcFace(), backend="reference").backward()
+    assert rel_err(wt.grad.float().cpu(), full.grad) < 3e-2
+    assert rel_err(xt.grad.float().cpu(), xf.grad) < 3e-2
