@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import backends
 from ._checks import check_values, check_weight_norms
@@ -114,7 +113,8 @@ class FusedReducedLoss(torch.autograd.Function):
     Eager only (functional.py never uses it under torch.compile). Its backward
     is not differentiable (the gradients are constants of the forward): a
     double backward (create_graph=True) raises instead of returning a wrong
-    second derivative.
+    second derivative (``once_differentiable`` would not: the upstream gradient
+    of a loss needs no grad, so it treats the result as a constant).
     """
 
     @staticmethod
@@ -131,8 +131,12 @@ class FusedReducedLoss(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss, grad_lse):
+        if torch.is_grad_enabled():  # create_graph=True: the gradients are constants here, a 2nd derivative would be wrong
+            raise RuntimeError(
+                "margin_cross_entropy: double backward (create_graph=True) through the fused single-pass path is "
+                "not supported. Use backend='reference' for higher-order gradients."
+            )
         if ctx.consumed:
             raise RuntimeError(
                 "margin_cross_entropy: a second backward through the fused single-pass path "
