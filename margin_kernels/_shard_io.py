@@ -11,34 +11,64 @@ Two forms, both loadable at any world size:
 
 Directory layout::
 
-    meta.pt                                  format, num_classes, embedding_size, dtype, world_size
-    classes_<start>_<end>.pt                 {"start", "end", "weight", "optimizer"}
+    meta.pt                                    written last: the save's id and the exact list of its
+                                               files, with their class ranges, sizes and sha256
+    classes_<start>_<end>.<save id>.pt         {"start", "end", "weight", "optimizer"}
 
-``<start>``/``<end>`` are zero-padded, so a directory listing is in class order.
+A save is atomic for readers: every rank writes its shard under a name unique
+to this save, then rank 0 replaces ``meta.pt``, then the files of earlier saves
+are removed. A loader reads only the files ``meta.pt`` names and checks each
+one's size and checksum first, so stale shards of an earlier save (another world
+size) are never mixed in, and a truncated, replaced or damaged file is an error
+that names it. A reader racing a save reads the old save or the new one; when
+the old files vanish under it, it starts over from the new ``meta.pt``.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import secrets
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from ._sharding import class_split
+
 if TYPE_CHECKING:
     from .partial_fc import PartialFC
 
-FORMAT = 1
+FORMAT = 2
 META = "meta.pt"
+LOAD_ATTEMPTS = 3  # a save racing the load: start over from the new meta.pt this many times
 
 
-def _shard_name(start: int, end: int) -> str:
-    return f"classes_{start:012d}_{end:012d}.pt"
+def _shard_name(start: int, end: int, save_id: str) -> str:
+    return f"classes_{start:012d}_{end:012d}.{save_id}.pt"
 
 
-def _atomic_save(obj: Any, path: str) -> None:
+def _atomic_write(data: bytes, path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _serialize(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------- full matrix
@@ -51,10 +81,6 @@ def gather_full(pfc: "PartialFC", dst: int | None = None) -> Tensor | None:
     Shards travel one at a time through a buffer of one shard on the weight's
     device; a [C, D] gather on the device would not fit at the sizes PartialFC is for.
     """
-    import torch.distributed as dist
-
-    from .partial_fc import class_split
-
     group, weight = pfc._group, pfc.weight.detach()
     splits = [class_split(pfc.num_classes, group.size, r) for r in range(group.size)]
     wanted = dst is None or group.rank == dst
@@ -67,12 +93,10 @@ def gather_full(pfc: "PartialFC", dst: int | None = None) -> Tensor | None:
         if dst is None:
             group.broadcast(part, src_rank=r)
         elif r != dst:  # point to point: only dst needs the rows
-            peer = dst if group.rank == r else r
-            global_peer = dist.get_global_rank(group.group, peer) if group.group is not None else peer
             if group.rank == r:
-                dist.send(part, global_peer, group=group.group)
+                group.send(part, dst)
             elif group.rank == dst:
-                dist.recv(part, global_peer, group=group.group)
+                group.recv(part, r)
         if full is not None:
             full[start : start + count].copy_(part)
     return full
@@ -90,10 +114,12 @@ def save_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer |
     """Write this rank's shard (and its optimizer state) under directory ``path``.
 
     A collective: every rank calls it with the same ``path`` on a file system
-    they share. Returns once every rank's file is complete.
+    they share. Returns once ``meta.pt`` names every rank's file.
     """
     _check_holds_weight(pfc, optimizer)
+    group = pfc._group
     os.makedirs(path, exist_ok=True)
+    save_id = group.all_gather_object(secrets.token_hex(8) if group.rank == 0 else None)[0]
     start, end = pfc.class_start, pfc.class_start + pfc.num_local
     shard_state = None
     if optimizer is not None:
@@ -101,55 +127,102 @@ def save_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer |
         # weight; the rest (Adam's step) is the same on every rank.
         shard_state = {key: value.detach().cpu() if isinstance(value, Tensor) else value
                        for key, value in optimizer.state.get(pfc.weight, {}).items()}
-    shard = {"start": start, "end": end, "weight": pfc.weight.detach().cpu(), "optimizer": shard_state}
-    _atomic_save(shard, os.path.join(path, _shard_name(start, end)))
-    if pfc._group.rank == 0:
-        _atomic_save({"format": FORMAT, "num_classes": pfc.num_classes, "embedding_size": pfc.embedding_size,
-                      "dtype": str(pfc.weight.dtype), "world_size": pfc._group.size}, os.path.join(path, META))
-    pfc._group.barrier()
+    data = _serialize({"start": start, "end": end, "weight": pfc.weight.detach().cpu(), "optimizer": shard_state})
+    name = _shard_name(start, end, save_id)
+    _atomic_write(data, os.path.join(path, name))
+    entry = {"file": name, "start": start, "end": end, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    shards = group.all_gather_object(entry)  # also: every rank's file is complete
+    if group.rank == 0:
+        meta = {"format": FORMAT, "save_id": save_id, "num_classes": pfc.num_classes,
+                "embedding_size": pfc.embedding_size, "dtype": str(pfc.weight.dtype), "world_size": group.size,
+                "shards": shards}
+        _atomic_write(_serialize(meta), os.path.join(path, META))
+        keep = {entry["file"] for entry in shards}
+        for old in os.listdir(path):  # earlier saves' shards, now unreachable
+            if old.startswith("classes_") and old.endswith(".pt") and old not in keep:
+                try:
+                    os.remove(os.path.join(path, old))
+                except FileNotFoundError:
+                    pass
+    group.barrier()
 
 
-def _shard_files(path: str) -> list[tuple[int, int, str]]:
-    found = []
-    for name in sorted(os.listdir(path)):
-        if name.startswith("classes_") and name.endswith(".pt"):
-            start, end = name[len("classes_") : -len(".pt")].split("_")
-            found.append((int(start), int(end), os.path.join(path, name)))
-    return found
+def _read_meta(path: str) -> dict:
+    meta_path = os.path.join(path, META)
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"path {path!r} is not a sharded PartialFC checkpoint (no {META})")
+    try:
+        meta = torch.load(meta_path, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{meta_path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{meta_path}: checkpoint format {found!r}, this version reads {FORMAT} "
+                         "(re-save it with the version that wrote it)")
+    return meta
+
+
+def _load_shard(path: str, entry: dict) -> dict:
+    """One shard file named by meta.pt, after checking its size and checksum."""
+    file = os.path.join(path, entry["file"])
+    size = os.path.getsize(file)  # FileNotFoundError: a save replaced this one (the caller retries)
+    if size != entry["bytes"]:
+        raise ValueError(f"{file}: {size} bytes, but {META} records {entry['bytes']} (truncated or replaced)")
+    if _sha256(file) != entry["sha256"]:
+        raise ValueError(f"{file}: sha256 does not match the one {META} records (the file is damaged)")
+    try:
+        shard = torch.load(file, mmap=True, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{file}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+    if (shard.get("start"), shard.get("end")) != (entry["start"], entry["end"]):
+        raise ValueError(f"{file}: holds classes [{shard.get('start')}, {shard.get('end')}), {META} says "
+                         f"[{entry['start']}, {entry['end']})")
+    return shard
 
 
 def load_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Fill this rank's shard (and its optimizer state) from a directory written
-    by ``save_sharded`` at any world size. Reads only the overlapping files,
-    memory-mapped. Not a collective."""
-    meta_path = os.path.join(path, META)
-    if not os.path.isfile(meta_path):
-        raise ValueError(f"path {path!r} is not a sharded PartialFC checkpoint (no {META})")
-    meta = torch.load(meta_path, weights_only=True)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: checkpoint format {meta.get('format')!r}, this version reads {FORMAT}")
+    by ``save_sharded`` at any world size. Reads only the files meta.pt names
+    that overlap this rank's classes, verified and memory-mapped. Not a collective."""
+    _check_holds_weight(pfc, optimizer)
+    for attempt in range(LOAD_ATTEMPTS):
+        meta = _read_meta(path)
+        try:
+            _load_from(pfc, path, meta, optimizer)
+            return
+        except FileNotFoundError:
+            if attempt + 1 == LOAD_ATTEMPTS or _read_meta(path)["save_id"] == meta["save_id"]:
+                missing = [e["file"] for e in meta["shards"] if not os.path.exists(os.path.join(path, e["file"]))]
+                raise ValueError(f"{path}: {META} lists files that are missing: {missing}") from None
+            # a newer save replaced this one while we read it: start over from it
+
+
+def _load_from(pfc: "PartialFC", path: str, meta: dict, optimizer: torch.optim.Optimizer | None) -> None:
     expected = (pfc.num_classes, pfc.embedding_size)
     if (meta["num_classes"], meta["embedding_size"]) != expected:
         raise ValueError(f"{path}: checkpoint holds [{meta['num_classes']}, {meta['embedding_size']}] classes x dims, "
                          f"this PartialFC is {list(expected)}")
-    _check_holds_weight(pfc, optimizer)
-
     lo, hi = pfc.class_start, pfc.class_start + pfc.num_local
     covered = lo
     weight = pfc.weight.detach()
+    # Staged in host memory and copied in only once complete: a load that fails
+    # half-way leaves the weight as it was.
+    new_weight = torch.empty(weight.shape, dtype=weight.dtype)
     new_state: dict[str, Any] = {}
-    for start, end, file in _shard_files(path):
+    for entry in sorted(meta["shards"], key=lambda e: e["start"]):
+        start, end = entry["start"], entry["end"]
         if end <= lo or start >= hi:
             continue
         if start > covered:
             break
-        shard = torch.load(file, mmap=True, weights_only=True)
+        shard = _load_shard(path, entry)
         a, b = max(start, lo), min(end, hi)
-        weight[a - lo : b - lo].copy_(shard["weight"][a - start : b - start])
+        new_weight[a - lo : b - lo].copy_(shard["weight"][a - start : b - start])
         if optimizer is not None:
             saved = shard["optimizer"]
             if saved is None:
-                raise ValueError(f"{file}: saved without optimizer state, but an optimizer was given")
+                raise ValueError(f"{os.path.join(path, entry['file'])}: saved without optimizer state, but an "
+                                 "optimizer was given")
             for key, value in saved.items():
                 if isinstance(value, Tensor) and value.shape == shard["weight"].shape:
                     if key not in new_state:
@@ -161,5 +234,6 @@ def load_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer |
         covered = max(covered, b)
     if covered < hi:
         raise ValueError(f"{path}: no shard file holds classes [{covered}, {hi}) (a missing or partial checkpoint)")
+    weight.copy_(new_weight)
     if optimizer is not None:
         optimizer.state[pfc.weight] = new_state

@@ -19,68 +19,31 @@ same code.
 from __future__ import annotations
 
 import math
-from typing import Any
+import zlib
+from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _shard_io, backends
 from ._checks import (FUSED_DTYPES, bad_norm_rows, bad_values, check_values, check_workspace, describe_bad_row,
                       first_bad_weight_row)
+from ._sharding import Group, class_split
 from .margins import NORM_EPS, CombinedMargin, Margin, RowMargins, target_logit
 
 __all__ = ["PartialFC", "class_split", "sample_count"]
 
 
-def class_split(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
-    """(start, count) of rank's contiguous class block (insightface's split)."""
-    base, extra = divmod(num_classes, world_size)
-    return rank * base + min(rank, extra), base + (1 if rank < extra else 0)
-
-
-def sample_count(num_local: int, sample_rate: float, global_batch: int) -> int:
-    """Classes a sampled step reads on a shard of ``num_local``: ceil(rate x
-    num_local), raised to min(num_local, global batch) so that every positive of
-    the batch fits without counting them on the host. Where rate x num_local is
-    at least the global batch (0.1 x 1M classes against a batch of thousands),
-    this is exactly insightface's max(rate x num_local, positives)."""
-    return min(num_local, max(math.ceil(sample_rate * num_local), global_batch))
-
-
-class _Group:
-    """The process group, or a stand-in for a single process."""
-
-    def __init__(self, group: Any) -> None:
-        self.distributed = dist.is_available() and dist.is_initialized()
-        self.group = group
-        self.rank = dist.get_rank(group) if self.distributed else 0
-        self.size = dist.get_world_size(group) if self.distributed else 1
-
-    def all_reduce(self, t: Tensor, op: str = "sum") -> Tensor:
-        if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
-        return t
-
-    def broadcast(self, t: Tensor, src_rank: int = 0) -> Tensor:
-        if self.distributed:
-            dist.broadcast(t, dist.get_global_rank(self.group, src_rank) if self.group else src_rank, group=self.group)
-        return t
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier(group=self.group)
-
-    def all_gather_rows(self, t: Tensor, sizes: list[int]) -> Tensor:
-        """Concatenate every rank's rows (rank order), sizes[r] rows from rank r."""
-        if not self.distributed:
-            return t
-        padded = torch.zeros((max(sizes),) + t.shape[1:], dtype=t.dtype, device=t.device)
-        padded[: t.shape[0]] = t
-        parts = [torch.empty_like(padded) for _ in range(self.size)]
-        dist.all_gather(parts, padded, group=self.group)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+def sample_count(num_local: int, sample_rate: float, global_batch: int, rounding: str = "ceil") -> int:
+    """Classes a sampled step reads on a shard of ``num_local``: rate x num_local
+    (rounded up, or down as insightface does), raised to min(num_local, global
+    batch) so that every positive of the batch fits without counting them on the
+    host. Where rate x num_local is at least the global batch (0.1 x 1M classes
+    against a batch of thousands), this is exactly insightface's
+    max(int(rate x num_local), positives)."""
+    wanted = math.ceil(sample_rate * num_local) if rounding == "ceil" else int(sample_rate * num_local)
+    return min(num_local, max(wanted, global_batch))
 
 
 class _GatherRows(torch.autograd.Function):
@@ -88,7 +51,7 @@ class _GatherRows(torch.autograd.Function):
     of the gathered rows and keeps this rank's rows (a reduce-scatter)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: _Group, sizes: list[int]) -> Tensor:
+    def forward(ctx, x: Tensor, group: Group, sizes: list[int]) -> Tensor:
         ctx.group, ctx.sizes = group, sizes
         return group.all_gather_rows(x, sizes)
 
@@ -163,7 +126,8 @@ class PartialFC(nn.Module):
         sample_rate: keep every positive class of the global batch and fill with
             uniformly drawn negatives up to ``sample_count(C_local, sample_rate,
             B_global)`` = max(ceil(sample_rate * C_local), min(C_local, B_global))
-            classes per rank.
+            classes per rank (``sample_rounding="floor"``: int() instead of ceil,
+            insightface's count).
         process_group: the group the classes are sharded over (default: the
             default group when initialized, else a single process).
         dtype, device: of this rank's weight shard, initialized N(0, 0.01).
@@ -207,8 +171,11 @@ class PartialFC(nn.Module):
         backend: str = "auto",
         generator: torch.Generator | None = None,
         workspace_bytes: int | None = None,
+        sample_rounding: Literal["ceil", "floor"] = "ceil",
     ) -> None:
         super().__init__()
+        if sample_rounding not in ("ceil", "floor"):
+            raise ValueError(f"sample_rounding must be 'ceil' or 'floor', got {sample_rounding!r}")
         if embedding_size < 1 or num_classes < 1:
             raise ValueError(f"embedding_size and num_classes must be >= 1, got {embedding_size} and {num_classes}")
         if not 0.0 < sample_rate <= 1.0:
@@ -221,9 +188,11 @@ class PartialFC(nn.Module):
         if generator is not None and generator.device.type != device.type:
             raise ValueError(f"generator must be on the weight's device type ({device.type}): samples and margins are "
                              f"drawn there without a host round trip; got a generator on {generator.device}")
-        self._group = _Group(process_group)
+        self._group = Group(process_group)
+        self._check_same_configuration(embedding_size, num_classes, margin, sample_rate, dtype, sample_rounding, device)
         self.embedding_size, self.num_classes, self.margin = embedding_size, num_classes, margin
         self.sample_rate, self.backend, self.generator = sample_rate, backend, generator
+        self.sample_rounding = sample_rounding
         check_workspace(workspace_bytes)
         self.workspace_bytes = workspace_bytes
         self.class_start, self.num_local = class_split(num_classes, self._group.size, self._group.rank)
@@ -232,25 +201,69 @@ class PartialFC(nn.Module):
         self.last_sampled_index = None
         self.register_load_state_dict_pre_hook(_slice_full_weight)
 
+    def _check_same_configuration(self, embedding_size, num_classes, margin, sample_rate, dtype, sample_rounding,
+                                  device) -> None:
+        """Every rank must build the same module: a different embedding size
+        aborted a rank inside the collectives, a different class count left
+        classes that no rank owns, a different margin gave each rank another
+        loss. One small all-gather at construction; raises on every rank."""
+        if not self._group.distributed:
+            return
+        fields = {"embedding_size": embedding_size, "num_classes": num_classes, "margin": zlib.crc32(repr(margin).encode()),
+                  "sample_rate": sample_rate, "dtype": zlib.crc32(str(dtype).encode()),
+                  "sample_rounding": zlib.crc32(sample_rounding.encode())}
+        mine = torch.tensor([list(fields.values())], dtype=torch.float64, device=device)
+        table = self._group.all_gather_rows(mine, [1] * self._group.size).tolist()
+        differ = [name for i, name in enumerate(fields) if any(row[i] != table[0][i] for row in table)]
+        if differ:
+            ranks = [r for r, row in enumerate(table) if row != table[0]]
+            raise ValueError(f"PartialFC: ranks disagree on {', '.join(differ)} (rank(s) {ranks} differ from rank 0; "
+                             f"here: embedding_size={embedding_size}, num_classes={num_classes}, margin={margin}, "
+                             f"sample_rate={sample_rate}, dtype={dtype}, sample_rounding={sample_rounding!r})")
+
     # ------------------------------------------------------------------ insightface
 
     @classmethod
     def from_insightface(cls, margin_loss: Any, embedding_size: int, num_classes: int, sample_rate: float = 1.0,
-                         fp16: bool = False, **kwargs) -> "PartialFC":
+                         fp16: bool = False, *, behaviour: Literal["current", "classic"] = "current",
+                         **kwargs) -> "PartialFC":
         """The constructor of insightface's ``PartialFC_V2(margin_loss,
         embedding_size, num_classes, sample_rate, fp16)``.
 
         ``margin_loss`` is their ``CombinedMarginLoss`` (anything with ``s``,
-        ``m1``, ``m2``, ``m3``) or one of our specs. Their loss applies only m3 when
-        m3 > 0 and ignores m1; ours applies all three, which is the same for the
-        configurations they ship (ArcFace (1, 0.5, 0), CosFace (1, 0, 0.4)). ``fp16``
-        needs no switch: the kernels take fp32 weights and accumulate in fp32.
+        ``m1``, ``m2``, ``m3``) or one of our specs, used as it is. Their loss has
+        two configurations, and so does the mapping:
+
+        * ArcFace (m1 = 1, m3 = 0): ``behaviour="current"`` (the default)
+          reproduces arcface_torch since December 2022, which applies the angle
+          margin under ``no_grad`` (a straight-through gradient: slope 1) and
+          has no rule for theta + m > pi: ``CombinedMargin(s, 1, m2, 0,
+          overflow="none", detach_margin=True)``. ``behaviour="classic"``
+          reproduces the version before it: the true gradient through arccos
+          and the ``th`` / ``mm`` rule (``overflow="classic"``).
+        * CosFace (m3 > 0): their loss applies m3 alone, ignoring m1 and m2:
+          ``CombinedMargin(s, 1, 0, m3)`` in both behaviours.
+
+        Other (m1, m3) raise, as theirs does. Negatives are sampled as theirs
+        are: ``int(sample_rate * C_local)`` (floor) per rank, raised to the global
+        batch as described in :func:`sample_count`. ``fp16`` needs no switch:
+        the kernels accumulate in fp32 for every weight dtype.
         """
+        if behaviour not in ("current", "classic"):
+            raise ValueError(f"behaviour must be 'current' or 'classic', got {behaviour!r}")
         if isinstance(margin_loss, Margin):
             margin = margin_loss
         else:
-            margin = CombinedMargin(float(margin_loss.s), float(margin_loss.m1), float(margin_loss.m2),
-                                    float(margin_loss.m3))
+            s, m1, m2, m3 = (float(getattr(margin_loss, name)) for name in ("s", "m1", "m2", "m3"))
+            if m1 == 1.0 and m3 == 0.0:
+                margin = (CombinedMargin(s, 1.0, m2, 0.0, overflow="none", detach_margin=True)
+                          if behaviour == "current" else CombinedMargin(s, 1.0, m2, 0.0))
+            elif m3 > 0:
+                margin = CombinedMargin(s, 1.0, 0.0, m3)
+            else:
+                raise ValueError(f"insightface's CombinedMarginLoss takes m1 = 1 and m3 = 0 (ArcFace) or m3 > 0 "
+                                 f"(CosFace), got m1={m1}, m3={m3}")
+        kwargs.setdefault("sample_rounding", "floor")
         return cls(embedding_size, num_classes, margin, sample_rate=sample_rate, **kwargs)
 
     # ------------------------------------------------------------------ forward
@@ -324,12 +337,7 @@ class PartialFC(nn.Module):
             status[1] = 1
         else:  # weight: checked in the loss, from the row norms of the classes it reads
             status[2] = bad_values(embeddings, labels, ignore_index=-1, num_classes=self.num_classes).long()
-        if self._group.distributed:
-            gathered = [torch.empty_like(status) for _ in range(self._group.size)]
-            dist.all_gather(gathered, status, group=self._group.group)
-            table = torch.stack(gathered).tolist()
-        else:
-            table = [status.tolist()]
+        table = self._group.all_gather_rows(status[None], [1] * self._group.size).tolist()
         bad = [r for r, (_, wrong, bad_data) in enumerate(table) if wrong or bad_data]
         if bad:
             if not problem and table[self._group.rank][2]:
@@ -352,7 +360,7 @@ class PartialFC(nn.Module):
         """Every positive class of the global batch on this shard, plus uniform
         negatives; labels become positions in the sorted index. Drawn on the
         weight's device, with no host sync: the count is fixed in advance."""
-        count = sample_count(self.num_local, self.sample_rate, global_batch)
+        count = sample_count(self.num_local, self.sample_rate, global_batch, self.sample_rounding)
         positive = torch.zeros(self.num_local + 1, dtype=torch.bool, device=rows_local.device)
         positive[torch.where(rows_local >= 0, rows_local, self.num_local)] = True  # slot C_local: not a class
         score = torch.rand(self.num_local, generator=self.generator, device=rows_local.device)

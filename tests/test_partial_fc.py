@@ -112,6 +112,17 @@ def _world2(rank, world, ckpt_path, sharded_dir):
         out["bad"] = "no error"
     except ValueError as exc:
         out["bad"] = str(exc)
+    # Ranks built with different configurations: a named error on every rank
+    # (a different D aborted a rank inside gloo; a different C or s ran silently).
+    out["config"] = {}
+    for name, kwargs in (("embedding_size", {"embedding_size": D + rank}), ("num_classes", {"num_classes": C + rank}),
+                         ("margin", {"margin": mk.ArcFace(s=64.0 + rank)})):
+        args = {"embedding_size": D, "num_classes": C, "margin": MARGIN, **kwargs}
+        try:
+            mk.PartialFC(args.pop("embedding_size"), args.pop("num_classes"), args.pop("margin"))
+            out["config"][name] = "no error"
+        except ValueError as exc:
+            out["config"][name] = str(exc)
     return out
 
 
@@ -169,6 +180,8 @@ def test_two_and_three_ranks(tmp_path):
 
     # Bad input on one rank raises on every rank, naming it, instead of hanging.
     assert all("rank(s) [1]" in r["bad"] for r in r2)
+    for name in ("embedding_size", "num_classes", "margin"):
+        assert all(f"ranks disagree on {name} (rank(s) [1] differ from rank 0" in r["config"][name] for r in r2), name
     assert "labels must be in [0, 103)" in r2[1]["bad"]
     assert all("bad weight rows (NaN/Inf or overflowing norms) on rank(s) [1]" in r["nan"] for r in r2)
     assert "local weight row 2 contains NaN or Inf" in r2[1]["nan"]
@@ -233,13 +246,92 @@ def test_sampled_step_checks_the_rows_it_reads():
     assert torch.isfinite(loss)
 
 
-def test_from_insightface_maps_their_combined_margin_loss():
-    class CombinedMarginLoss:  # the attributes of insightface's class
-        s, m1, m2, m3, interclass_filtering_threshold = 64.0, 1.0, 0.5, 0.0, 0
+class CombinedMarginLoss(torch.nn.Module):
+    """insightface's CombinedMarginLoss as arcface_torch ships it since December
+    2022, written here from its algorithm: ArcFace's angle margin applied in
+    place under no_grad (straight-through gradient, no rule for theta + m > pi);
+    CosFace's m3 applied alone."""
 
-    pfc = mk.PartialFC.from_insightface(CombinedMarginLoss(), 24, 1000, 0.2, True)
-    assert pfc.margin == mk.CombinedMargin(64.0, 1.0, 0.5, 0.0) and pfc.sample_rate == 0.2
-    assert pfc.weight.shape == (1000, 24)
+    def __init__(self, s, m1, m2, m3):
+        super().__init__()
+        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+
+    def forward(self, logits, labels):
+        rows = torch.where(labels != -1)[0]
+        cols = labels[rows]
+        if self.m1 == 1.0 and self.m3 == 0.0:
+            with torch.no_grad():
+                target = logits[rows, cols].arccos() + self.m2
+                logits.arccos_()
+                logits[rows, cols] = target
+                logits.cos_()
+        else:
+            logits[rows, cols] = logits[rows, cols] - self.m3
+        return logits * self.s
+
+
+def classic_arcface(logits, labels, s, m):
+    """ArcFace before that change: cos(theta + m) with the true gradient, and
+    c - m sin(m) where theta + m > pi."""
+    rows = torch.where(labels != -1)[0]
+    cols = labels[rows]
+    c = logits[rows, cols]
+    sin = (1 - c * c).clamp_min(0).sqrt()
+    margined = torch.where(c > math.cos(math.pi - m), c * math.cos(m) - sin * math.sin(m), c - math.sin(math.pi - m) * m)
+    logits = logits.clone()
+    logits[rows, cols] = margined
+    return logits * s
+
+
+@pytest.mark.parametrize("behaviour, m", [("current", (1.0, 0.5, 0.0)), ("classic", (1.0, 0.5, 0.0)),
+                                          ("current", (1.0, 0.0, 0.4))])
+def test_from_insightface_reproduces_their_loss_and_gradients(behaviour, m):
+    torch.manual_seed(0)
+    b, c = 12, 40
+    x = torch.randn(b, D)
+    w = torch.randn(c, D)
+    y = torch.randint(0, c, (b,))
+    y[3] = -1
+    x[0] = -w[y[0]] + 0.01 * torch.randn(D)  # theta near pi: where the overflow rules differ
+    theirs_loss = CombinedMarginLoss(64.0, *m)
+    pfc = mk.PartialFC.from_insightface(theirs_loss, D, c, 1.0, False, behaviour=behaviour)
+    pfc.load_state_dict({"weight": w})
+    xa = x.clone().requires_grad_(True)
+    loss = pfc(xa, y)
+    loss.backward()
+
+    xb, wb = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    logits = torch.nn.functional.linear(torch.nn.functional.normalize(xb), torch.nn.functional.normalize(wb))
+    logits = logits.clamp(-1, 1)
+    if behaviour == "classic":
+        z = classic_arcface(logits, y, 64.0, m[1])
+    else:
+        z = theirs_loss(logits, y)
+    ref = torch.nn.functional.cross_entropy(z, y, ignore_index=-1)
+    ref.backward()
+    assert rel_err(loss.detach(), ref.detach()) < 1e-5
+    assert rel_err(xa.grad, xb.grad) < 1e-4
+    assert rel_err(pfc.weight.grad, wb.grad) < 1e-4
+
+
+def test_from_insightface_maps_their_configurations_and_sampled_count():
+    arc = mk.PartialFC.from_insightface(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 24, 1000, 0.2, True)
+    assert arc.margin == mk.CombinedMargin(64.0, 1.0, 0.5, 0.0, overflow="none", detach_margin=True)
+    assert arc.sample_rate == 0.2 and arc.weight.shape == (1000, 24)
+    classic = mk.PartialFC.from_insightface(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), 24, 1000, behaviour="classic")
+    assert classic.margin == mk.CombinedMargin(64.0, 1.0, 0.5, 0.0)
+    cos = mk.PartialFC.from_insightface(CombinedMarginLoss(64.0, 1.2, 0.3, 0.4), 24, 1000)
+    assert cos.margin == mk.CombinedMargin(64.0, 1.0, 0.0, 0.4)  # theirs applies m3 alone
+    with pytest.raises(ValueError, match="m1 = 1 and m3 = 0"):
+        mk.PartialFC.from_insightface(CombinedMarginLoss(64.0, 1.35, 0.0, 0.0), 24, 1000)
+    # their count: int(r * C_local); ours by default: the ceiling
+    pfc = mk.PartialFC.from_insightface(CombinedMarginLoss(64.0, 1.0, 0.5, 0.0), D, C, 0.1,
+                                        generator=torch.Generator().manual_seed(0))
+    pfc(torch.randn(4, D), torch.tensor([1, 2, 3, 4]))
+    assert pfc.last_sampled_index.numel() == int(0.1 * C) == 10
+    ours = mk.PartialFC(D, C, MARGIN, sample_rate=0.1, generator=torch.Generator().manual_seed(0))
+    ours(torch.randn(4, D), torch.tensor([1, 2, 3, 4]))
+    assert ours.last_sampled_index.numel() == math.ceil(0.1 * C) == 11
 
 
 def test_sampled_gradient_accumulates_into_existing_grad():
@@ -285,8 +377,8 @@ def test_sharded_checkpoint_errors(tmp_path):
     other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="optimizer does not hold this PartialFC's weight"):
         pfc.save_sharded(str(tmp_path / "ck2"), other)
-    (tmp_path / "ck" / "classes_000000000000_000000000103.pt").unlink()
-    with pytest.raises(ValueError, match=r"no shard file holds classes \[0, 103\)"):
+    next((tmp_path / "ck").glob("classes_000000000000_000000000103.*.pt")).unlink()
+    with pytest.raises(ValueError, match=r"meta.pt lists files that are missing: \['classes_000000000000_000000000103"):
         pfc.load_sharded(str(tmp_path / "ck"))
 
 
