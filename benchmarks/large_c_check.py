@@ -56,7 +56,8 @@ def oracle(x, w, y, margin: mk.Margin, block: int):
         inside = valid & (safe >= c0) & (safe < c0 + wf.shape[0])
         col = (safe - c0).clamp(0, wf.shape[0] - 1)
         cos_y = z.gather(1, col[:, None]).squeeze(1) / margin.s
-        t = reference._margin_target(cos_y, margins, **flags)
+        w_y = F.normalize(wf.index_select(0, col), dim=1, eps=reference.NORM_EPS)
+        t = reference._margin_target(cos_y, x_hat, w_y, margins, **flags)
         z = torch.where(F.one_hot(col, wf.shape[0]).bool() & inside[:, None], margin.s * t[:, None], z)
         return z, inside, col
 

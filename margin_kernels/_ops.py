@@ -11,6 +11,7 @@ from torch import Tensor
 
 from . import backends
 from ._checks import check_values, check_weight_norms
+from ._targets import Targets, add_target_gradients
 
 
 def _labels_local(labels: Tensor, ignore_index: int) -> Tensor:
@@ -23,7 +24,8 @@ def margin_ce_rows(
     weight: Tensor,
     labels: Tensor,
     target_logit: Tensor,
-    target_slope: Tensor,
+    target_grad_x: Tensor,
+    target_grad_w: Tensor,
     s: float,
     ignore_index: int,
     backend: str,
@@ -32,8 +34,10 @@ def margin_ce_rows(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss per row, logsumexp per row, 1/||w_j||) of the fused loss.
 
-    ``check``: validate labels and x_hat here (under torch.compile, where the
-    caller cannot); weight is always checked, from its row norms.
+    ``target_grad_x`` / ``target_grad_w``: the target logits' gradients (see
+    ``_targets``), used by the backward. ``check``: validate labels and x_hat
+    here (under torch.compile, where the caller cannot); weight is always
+    checked, from its row norms.
     """
     if check:
         check_values(x_hat, None, labels, ignore_index, num_classes=weight.shape[0])
@@ -47,7 +51,8 @@ def margin_ce_rows(
 
 
 @margin_ce_rows.register_fake
-def _(x_hat, weight, labels, target_logit, target_slope, s, ignore_index, backend, workspace_bytes, check):
+def _(x_hat, weight, labels, target_logit, target_grad_x, target_grad_w, s, ignore_index, backend, workspace_bytes,
+      check):
     b, c = x_hat.shape[0], weight.shape[0]
     return x_hat.new_empty(b), x_hat.new_empty(b), x_hat.new_empty(c)
 
@@ -60,7 +65,8 @@ def margin_ce_rows_backward(
     w_inv: Tensor,
     labels: Tensor,
     target_logit: Tensor,
-    target_slope: Tensor,
+    target_grad_x: Tensor,
+    target_grad_w: Tensor,
     lse: Tensor,
     s: float,
     ignore_index: int,
@@ -73,33 +79,36 @@ def margin_ce_rows_backward(
     kernels = backends.load(backend)
     labels_local = _labels_local(labels, ignore_index)
     g = torch.where(labels_local >= 0, grad_rows.float(), torch.zeros_like(lse))
+    # The kernels see a zero slope: the target columns' gradient is added exactly below.
     dx, dw = kernels.lse_backward(
-        x_hat, weight, w_inv, labels_local, target_logit, target_slope, s, lse, g, workspace_bytes,
+        x_hat, weight, w_inv, labels_local, target_logit, torch.zeros_like(target_logit), s, lse, g, workspace_bytes,
         weight_grad=weight_grad,
     )
+    targets = Targets(target_logit, target_logit, target_grad_x, target_grad_w)
+    add_target_gradients(dx, dw, targets, labels_local, lse, g, w_inv)
     return dx, dw if dw is not None else weight.new_empty(0, weight.shape[1])
 
 
 @margin_ce_rows_backward.register_fake
-def _(grad_rows, x_hat, weight, w_inv, labels, target_logit, target_slope, lse, s, ignore_index, backend, workspace_bytes,
-      weight_grad):
+def _(grad_rows, x_hat, weight, w_inv, labels, target_logit, target_grad_x, target_grad_w, lse, s, ignore_index, backend,
+      workspace_bytes, weight_grad):
     return torch.empty_like(x_hat), weight.new_empty(weight.shape if weight_grad else (0, weight.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):
-    x_hat, weight, labels, target_logit, target_slope, s, ignore_index, backend, workspace_bytes, _ = inputs
+    x_hat, weight, labels, target_logit, grad_x, grad_w, s, ignore_index, backend, workspace_bytes, _ = inputs
     _, lse, w_inv = output
-    ctx.save_for_backward(x_hat, weight, w_inv, labels, target_logit, target_slope, lse)
+    ctx.save_for_backward(x_hat, weight, w_inv, labels, target_logit, grad_x, grad_w, lse)
     ctx.args = (s, ignore_index, backend, workspace_bytes)
     ctx.mark_non_differentiable(lse, w_inv)
 
 
 def _backward(ctx, grad_loss, grad_lse, grad_w_inv):
-    x_hat, weight, w_inv, labels, target_logit, target_slope, lse = ctx.saved_tensors
+    x_hat, weight, w_inv, labels, target_logit, grad_x, grad_w, lse = ctx.saved_tensors
     weight_grad = ctx.needs_input_grad[1]
-    dx_hat, dw = margin_ce_rows_backward(grad_loss, x_hat, weight, w_inv, labels, target_logit, target_slope, lse,
+    dx_hat, dw = margin_ce_rows_backward(grad_loss, x_hat, weight, w_inv, labels, target_logit, grad_x, grad_w, lse,
                                          *ctx.args, weight_grad)
-    return dx_hat, dw if weight_grad else None, None, None, None, None, None, None, None, None
+    return dx_hat, dw if weight_grad else None, None, None, None, None, None, None, None, None, None
 
 
 margin_ce_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -118,13 +127,15 @@ class FusedReducedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_hat, weight, labels_local, target_logit, target_slope, row_scale, s, kernels, workspace_bytes):
+    def forward(ctx, x_hat, weight, labels_local, targets: Targets, row_scale, s, kernels, workspace_bytes):
         w_inv = kernels.row_inv_norms(weight)
         check_weight_norms(w_inv, weight)
         lse, dx_hat, dw = kernels.fused_forward_backward(
-            x_hat, weight, w_inv, labels_local, target_logit, target_slope, row_scale, s, workspace_bytes
+            x_hat, weight, w_inv, labels_local, targets.logit, torch.zeros_like(targets.logit), row_scale, s,
+            workspace_bytes,
         )
-        loss = (row_scale * (lse - target_logit)).sum()
+        add_target_gradients(dx_hat, dw, targets, labels_local, lse, row_scale, w_inv)
+        loss = (row_scale * (lse - targets.logit)).sum()
         ctx.save_for_backward(dx_hat, dw)
         ctx.consumed = False
         ctx.mark_non_differentiable(lse)
@@ -145,4 +156,4 @@ class FusedReducedLoss(torch.autograd.Function):
             )
         ctx.consumed = True
         dx_hat, dw = ctx.saved_tensors
-        return dx_hat.mul_(grad_loss), dw.mul_(grad_loss), None, None, None, None, None, None, None
+        return dx_hat.mul_(grad_loss), dw.mul_(grad_loss), None, None, None, None, None, None

@@ -8,7 +8,8 @@ from torch import Tensor
 from . import backends, reference
 from ._checks import FUSED_DTYPES, check_args, check_margins, check_values, check_workspace
 from ._ops import FusedReducedLoss, _labels_local  # also registers the margin_kernels:: custom ops
-from .margins import NORM_EPS, Margin, RowMargins, target_logit
+from ._targets import geometry, prepare_targets
+from .margins import NORM_EPS, Margin, RowMargins
 
 __all__ = ["margin_cross_entropy", "draw_margins", "target_cosine"]
 
@@ -98,9 +99,8 @@ def margin_cross_entropy(
         check_values(embeddings, weight if name == "reference" else None, labels, ignore_index,
                      num_classes=weight.shape[0])
 
-    flags = dict(overflow=margin.overflow, easy_margin=margin.easy_margin, detach_margin=margin.detach_margin)
-
     if name == "reference":
+        flags = dict(overflow=margin.overflow, easy_margin=margin.easy_margin, detach_margin=margin.detach_margin)
         if margins is None:
             margins = draw_margins(embeddings, weight, labels, margin, ignore_index=ignore_index, generator=generator)
         loss, lse = reference.margin_cross_entropy(
@@ -111,12 +111,11 @@ def margin_cross_entropy(
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
     x_hat = F.normalize(embeddings.float(), dim=1, eps=NORM_EPS)
-    cos_y = target_cosine(x_hat, weight, safe_labels)
+    geo = geometry(embeddings, weight.index_select(0, safe_labels))
     if margins is None:  # as draw_margins, reusing the target cosines computed here
-        margins = margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=cos_y, valid=valid,
-                                     generator=generator)
-    t, slope = target_logit(cos_y, margins, **flags)
-    target = margin.s * t
+        margins = margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=geo.cos.float(),
+                                     valid=valid, generator=generator)
+    targets = prepare_targets(geo, margins, margin)
     workspace = backends.default_workspace_bytes() if workspace_bytes is None else workspace_bytes
     kernels = backends.load(name)
 
@@ -126,12 +125,12 @@ def margin_cross_entropy(
         if reduction == "mean":
             row_scale = row_scale / valid.sum().clamp_min(1)
         loss, lse = FusedReducedLoss.apply(
-            x_hat.contiguous(), weight, labels_local, target, slope, row_scale, margin.s, kernels, workspace
+            x_hat.contiguous(), weight, labels_local, targets, row_scale, margin.s, kernels, workspace
         )
     else:
         rows, lse, _ = torch.ops.margin_kernels.margin_ce_rows(
-            x_hat.contiguous(), weight.contiguous(), labels, target, slope, float(margin.s), int(ignore_index),
-            name, workspace, compiling,
+            x_hat.contiguous(), weight.contiguous(), labels, targets.logit, targets.grad_x, targets.grad_w,
+            float(margin.s), int(ignore_index), name, workspace, compiling,
         )
         loss = reference.reduce_rows(rows, valid, reduction)
     return (loss, lse) if return_lse else loss

@@ -36,9 +36,9 @@ Overflow = Literal["classic", "none"]
 # are rejected as zero rows by the argument checks.
 NORM_EPS = 1e-12
 
-# Floor on sin(theta) in the slope m1 sin(m1 theta + m2) / sin(theta): the true
-# derivative diverges at cos = +-1 when m2 > 0; float32 never gets closer than
-# sin(theta) ~ 3.4e-4 without being exactly +-1, so the floor only acts there.
+# Stand-in for sin(theta) = 0 in the slope m1 sin(m1 theta + m2) / sin(theta):
+# the true derivative diverges at theta = 0 or pi exactly when m2 > 0, and the
+# fused paths multiply the slope by a direction that is then exactly zero.
 SIN_EPS = 1e-6
 
 
@@ -278,6 +278,7 @@ def target_logit(
     overflow: Overflow = "classic",
     easy_margin: bool = False,
     detach_margin: bool = False,
+    sin_target: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Target cosine after the margin, ``t``, and its slope ``dt/dc`` per row.
 
@@ -287,17 +288,29 @@ def target_logit(
     offset, so a pure multiplicative margin (m2 = 0) falls back to ``c - m3``.
     ``easy_margin``: no margin where ``c <= 0``. ``detach_margin``: slope 1 (the
     margin as a constant offset, as insightface and opensphere train).
-    Rows with m1 = 1 and m2 = 0 skip the arccos: ``t = c - m3`` exactly.
+    Rows with m1 = 1 and m2 = 0 skip the angle: ``t = c - m3`` exactly.
+
+    ``sin_target`` (sin theta from the vectors, e.g. ||w_hat - c x_hat||) gives
+    theta = atan2(sin, c), exact where cos rounds to +-1; without it theta =
+    arccos(c) and sin theta = sqrt(1 - c^2), floored at SIN_EPS in the slope.
+    Float64 inputs are computed in float64, others in float32.
     """
     dtype = torch.float64 if cos_target.dtype == torch.float64 else torch.float32
     c = cos_target.to(dtype).clamp(-1.0, 1.0)
     m1, m2, m3 = (v.to(dtype) for v in margins)
-    theta = torch.acos(c)
+    if sin_target is None:
+        theta = torch.acos(c)
+        sin_theta = ((1.0 - c) * (1.0 + c)).sqrt()
+    else:
+        sin_theta = sin_target.to(dtype)
+        theta = torch.atan2(sin_theta, c)
     angle = m1 * theta + m2
-    sin_theta = ((1.0 - c) * (1.0 + c)).sqrt().clamp_min(SIN_EPS)
     plain = (m1 == 1.0) & (m2 == 0.0)
     t = torch.where(plain, c - m3, torch.cos(angle) - m3)
-    slope = torch.where(plain, torch.ones_like(c), m1 * torch.sin(angle) / sin_theta)
+    # sin theta = 0 only at theta = 0 or pi exactly, where the direction the
+    # slope multiplies is zero: the floor keeps it finite there
+    safe_sin = torch.where(sin_theta > 0, sin_theta, torch.full_like(sin_theta, SIN_EPS))
+    slope = torch.where(plain, torch.ones_like(c), m1 * torch.sin(angle) / safe_sin)
     if overflow == "classic":
         over = angle >= math.pi
         t = torch.where(over, c - m2 * torch.sin(m2) - m3, t)

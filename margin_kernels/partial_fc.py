@@ -30,7 +30,8 @@ from . import _shard_io, backends
 from ._checks import (FUSED_DTYPES, bad_norm_rows, bad_values, check_values, check_workspace, describe_bad_row,
                       first_bad_weight_row)
 from ._sharding import Group, class_split
-from .margins import NORM_EPS, CombinedMargin, Margin, RowMargins, target_logit
+from ._targets import Targets, add_target_gradients, geometry, prepare_targets
+from .margins import NORM_EPS, CombinedMargin, Margin, RowMargins
 
 __all__ = ["PartialFC", "class_split", "sample_count"]
 
@@ -66,7 +67,8 @@ class _ShardedMarginLoss(torch.autograd.Function):
     """Mean loss over the global batch, from this rank's (sampled) classes."""
 
     @staticmethod
-    def forward(ctx, x_hat, weight, labels_local, target, slope, valid, class_index, s, kernels, group, workspace):
+    def forward(ctx, x_hat, weight, labels_local, targets: Targets, valid, class_index, s, kernels, group, workspace):
+        target = targets.logit
         w_inv = kernels.row_inv_norms(weight, class_index=class_index)
         lse_local = kernels.lse_forward(x_hat, weight, w_inv, labels_local, target, s, workspace, class_index=class_index)
         row_max = group.all_reduce(lse_local.clone(), "max")
@@ -82,19 +84,23 @@ class _ShardedMarginLoss(torch.autograd.Function):
         lse = row_max + total.log()
         count = valid.sum().clamp_min(1).float()
         loss = torch.where(valid, lse - target, torch.zeros_like(lse)).sum() / count
-        ctx.save_for_backward(x_hat, weight, w_inv, labels_local, target, slope, lse, valid, class_index)
+        ctx.save_for_backward(x_hat, weight, w_inv, labels_local, lse, valid, class_index, *targets)
         ctx.s, ctx.kernels, ctx.workspace, ctx.count = s, kernels, workspace, count
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        x_hat, weight, w_inv, labels_local, target, slope, lse, valid, class_index = ctx.saved_tensors
+        x_hat, weight, w_inv, labels_local, lse, valid, class_index, *target_parts = ctx.saved_tensors
+        targets = Targets(*target_parts)
         g = torch.where(valid, grad_loss / ctx.count, torch.zeros_like(lse))
         weight_grad = ctx.needs_input_grad[1]  # False for a frozen weight: no dW products, no dW memory
+        # The kernels see a zero slope: the target columns' gradient is added exactly
+        # by this shard (the rows' owner), then summed over ranks with dx_hat.
         dx_hat, dw = ctx.kernels.lse_backward(
-            x_hat, weight, w_inv, labels_local, target, slope, ctx.s, lse, g, ctx.workspace, class_index=class_index,
-            weight_grad=weight_grad,
+            x_hat, weight, w_inv, labels_local, targets.logit, torch.zeros_like(lse), ctx.s, lse, g, ctx.workspace,
+            class_index=class_index, weight_grad=weight_grad,
         )
+        add_target_gradients(dx_hat, dw, targets, labels_local, lse, g, w_inv)
         if not weight_grad:
             dw = None
         elif class_index is not None and weight.is_leaf:
@@ -106,7 +112,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
             dw = None
         elif class_index is not None:  # rows outside the sample get a zero gradient
             dw = torch.zeros_like(weight).index_copy_(0, class_index, dw)
-        return dx_hat, dw, None, None, None, None, None, None, None, None, None
+        return dx_hat, dw, None, None, None, None, None, None, None, None
 
 
 def _raise_bad_weight(weight: Tensor, w_inv: Tensor, class_index: Tensor | None, flags: Tensor) -> None:
@@ -281,16 +287,17 @@ class PartialFC(nn.Module):
         rows_local = torch.where(local, safe_y - self.class_start, torch.full_like(y, -1))
 
         with torch.no_grad():
-            cos_y = torch.zeros(y.shape[0], device=x.device)
-            if self.num_local > 0:  # a gather of every row's (clamped) class, masked: no host sync
-                w_rows = F.normalize(self.weight.index_select(0, rows_local.clamp_min(0)).float(), dim=1,
-                                     eps=NORM_EPS)
-                cos_y = torch.where(rows_local >= 0, (x_hat * w_rows).sum(1), cos_y)
-            group.all_reduce(cos_y)
-            margins = self._row_margins(cos_y, valid)
-            t, slope = target_logit(cos_y, margins, overflow=self.margin.overflow,
-                                    easy_margin=self.margin.easy_margin, detach_margin=self.margin.detach_margin)
-            target = self.margin.s * t
+            # Each row's owner knows its target geometry (a gather of every row's
+            # clamped class, masked: no host sync); cos and sin are summed over
+            # ranks so that every rank computes the same margins and target logits.
+            if self.num_local > 0:
+                geo = geometry(x, self.weight.index_select(0, rows_local.clamp_min(0)), mask=rows_local >= 0)
+            else:
+                geo = geometry(x, torch.ones_like(x), mask=torch.zeros_like(valid))
+            cos_sin = group.all_reduce(torch.stack([geo.cos, geo.sin]))
+            geo = geo._replace(cos=cos_sin[0], sin=cos_sin[1])
+            margins = self._row_margins(geo.cos.float(), valid)
+            targets = prepare_targets(geo, margins, self.margin)
 
         class_index, labels_local = None, rows_local
         if self.sample_rate < 1.0:
@@ -298,7 +305,7 @@ class PartialFC(nn.Module):
         self.last_sampled_index = class_index
         kernels = backends.load(backends.resolve(self.backend, x.device) if self.backend == "auto" else self.backend)
         loss, _ = _ShardedMarginLoss.apply(
-            x_hat.contiguous(), self.weight, labels_local, target, slope, valid, class_index,
+            x_hat.contiguous(), self.weight, labels_local, targets, valid, class_index,
             float(self.margin.s), kernels, group,
             backends.default_workspace_bytes() if self.workspace_bytes is None else self.workspace_bytes,
         )

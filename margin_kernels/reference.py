@@ -3,9 +3,9 @@ margin at the target column, cross-entropy. Autograd through everything.
 
 It is the correctness reference for every fused backend and the "naive" baseline
 of the benchmarks. It computes in float32 (float64 for float64 inputs) whatever
-the input dtype, and its derivative through arccos uses the same floor on
-sin(theta) as :func:`margin_kernels.margins.target_logit`, so that both agree at
-cos = +-1 instead of one of them returning inf.
+the input dtype, and takes the target angle from the vectors (atan2 of the
+perpendicular part and the cosine), so its derivative is exact where cos rounds
+to +-1.
 """
 from __future__ import annotations
 
@@ -15,29 +15,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .margins import NORM_EPS, SIN_EPS, RowMargins
+from .margins import NORM_EPS, RowMargins
 
 
-class _SafeAcos(torch.autograd.Function):
-    """arccos whose derivative -1/sin(theta) has sin(theta) floored at SIN_EPS."""
+def _margin_target(c: Tensor, x_hat: Tensor, w_hat_y: Tensor, margins: RowMargins, overflow: str,
+                   easy_margin: bool, detach_margin: bool) -> Tensor:
+    """t = cos(m1 theta + m2) - m3 with the overflow / easy-margin rules, by autograd.
 
-    @staticmethod
-    def forward(ctx, c: Tensor) -> Tensor:
-        ctx.save_for_backward(c)
-        return torch.acos(c)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (c,) = ctx.saved_tensors
-        return -grad / ((1.0 - c) * (1.0 + c)).sqrt().clamp_min(SIN_EPS)
-
-
-def _margin_target(c: Tensor, margins: RowMargins, overflow: str, easy_margin: bool, detach_margin: bool) -> Tensor:
-    """t = cos(m1 theta + m2) - m3 with the overflow / easy-margin rules, by autograd."""
+    theta = atan2(||w_hat_y - c x_hat||, c): the angle from the vectors, whose
+    derivative stays exact where cos rounds to +-1 (arccos's -1/sqrt(1 - c^2)
+    does not: 1 - c^2 cancels)."""
     # Clamp the value to [-1, 1] but let the gradient through unchanged.
     c = c + (c.clamp(-1.0, 1.0) - c).detach()
     m1, m2, m3 = (v.to(c.dtype) for v in margins)
-    angle = m1 * _SafeAcos.apply(c) + m2
+    sin = torch.linalg.vector_norm(w_hat_y - c[:, None] * x_hat, dim=1)
+    angle = m1 * torch.atan2(sin, c) + m2
     plain = (m1 == 1.0) & (m2 == 0.0)
     t = torch.where(plain, c - m3, torch.cos(angle) - m3)
     if overflow == "classic":
@@ -70,7 +62,8 @@ def margin_cross_entropy(
 
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    target = _margin_target(cos.gather(1, safe_labels[:, None]).squeeze(1), margins, overflow, easy_margin, detach_margin)
+    target = _margin_target(cos.gather(1, safe_labels[:, None]).squeeze(1), x_hat, w_hat.index_select(0, safe_labels),
+                            margins, overflow, easy_margin, detach_margin)
     onehot = F.one_hot(safe_labels, weight.shape[0]).bool() & valid[:, None]
     logits = torch.where(onehot, (s * target)[:, None], s * cos)
 

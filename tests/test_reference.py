@@ -70,7 +70,8 @@ def test_detach_margin_is_a_constant_offset():
     x, w, y = make_problem(6, 5, 7, dtype=torch.float64, seed=4)
     spec = mk.ArcFace(detach_margin=True)
     cos_y = (F.normalize(x) * F.normalize(w)[y]).sum(1)
-    t = reference._margin_target(cos_y, spec.row_margins(6, cos_target=None), "classic", False, False)
+    t = reference._margin_target(cos_y, F.normalize(x), F.normalize(w)[y], spec.row_margins(6, cos_target=None),
+                                 "classic", False, False)
     offset = mk.RowMargins(torch.ones(6), torch.zeros(6), (cos_y - t).detach())
     grads = []
     for margin, margins in [(spec, None), (mk.CosFace(), offset)]:

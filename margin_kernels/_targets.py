@@ -1,0 +1,85 @@
+"""The step that turns labels into what the kernels take: each row's target
+logit s * t, and the exact gradient of that logit, for every fused path (the
+single-shard loss and PartialFC's shards).
+
+The target angle comes from the vectors, theta = atan2(||w_hat - c x_hat||, c),
+in float64 from the raw rows: 1 - c^2 cancels where cos rounds to +-1 (any angle
+below ~2.4e-4 in float32), but the perpendicular part of w_hat does not. For the
+same reason the target column's gradient is not left to the kernels (a slope
+near 1/sin(theta) times a direction that the float32 products get only to
+~1e-7): the kernels see a zero slope there, and ``add_target_gradients`` adds
+s dt/dc times the tangent directions
+
+    d c / d x_hat = w_hat - c x_hat,      d c / d w_hat = x_hat - c w_hat,
+
+whose product with the slope is O(1) and computed in float64.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .margins import NORM_EPS, Margin, RowMargins, target_logit
+
+
+class Geometry(NamedTuple):
+    """Each row against its target class, float64: cosine, sine and the two
+    tangent directions (zero rows where the caller has no target)."""
+
+    cos: Tensor
+    sin: Tensor
+    perp_x: Tensor  # w_hat - c x_hat: d c / d x_hat on the sphere
+    perp_w: Tensor  # x_hat - c w_hat: d c / d w_hat on the sphere
+
+
+class Targets(NamedTuple):
+    """What the fused loss needs of the margin, per row."""
+
+    logit: Tensor  # s * t, float32 [B]
+    cos: Tensor  # the target cosine, float32 [B]
+    grad_x: Tensor  # d(s t) / d x_hat, float32 [B, D]
+    grad_w: Tensor  # d(s t) / d w_hat of the row's class, float32 [B, D]
+
+
+@torch.no_grad()
+def geometry(embeddings: Tensor, w_rows: Tensor, mask: Tensor | None = None) -> Geometry:
+    """Geometry of ``embeddings`` [B, D] against their classes' weight rows
+    ``w_rows`` [B, D], from the raw rows in float64; rows outside ``mask`` are zero."""
+    x = F.normalize(embeddings.detach().double(), dim=1, eps=NORM_EPS)
+    w = F.normalize(w_rows.detach().double(), dim=1, eps=NORM_EPS)
+    c = (x * w).sum(1).clamp(-1.0, 1.0)
+    perp_x = w - c[:, None] * x
+    perp_w = x - c[:, None] * w
+    sin = torch.linalg.vector_norm(perp_x, dim=1)
+    if mask is not None:
+        keep = mask.to(torch.float64)
+        c, sin, perp_x, perp_w = c * keep, sin * keep, perp_x * keep[:, None], perp_w * keep[:, None]
+    return Geometry(c, sin, perp_x, perp_w)
+
+
+@torch.no_grad()
+def prepare_targets(geo: Geometry, margins: RowMargins, margin: Margin) -> Targets:
+    """Target logits and their gradients from the rows' geometry and margins."""
+    t, slope = target_logit(geo.cos, margins, overflow=margin.overflow, easy_margin=margin.easy_margin,
+                            detach_margin=margin.detach_margin, sin_target=geo.sin)
+    scaled = margin.s * slope
+    return Targets((margin.s * t).float(), geo.cos.float(), (scaled[:, None] * geo.perp_x).float(),
+                   (scaled[:, None] * geo.perp_w).float())
+
+
+def add_target_gradients(dx_hat: Tensor, dw: Tensor | None, targets: Targets, labels_local: Tensor, lse: Tensor,
+                         grad_rows: Tensor, w_inv: Tensor) -> None:
+    """Add the target columns' share of the gradient, in place: row i (with a
+    target in this shard, ``labels_local[i] >= 0``) has dL/d(s t) =
+    g_i (p_i - 1), p_i = exp(s t_i - lse_i); d/dx_hat gets that times grad_x,
+    and row labels_local[i] of dW gets it times grad_w / ||w||."""
+    own = labels_local >= 0
+    p = torch.exp(targets.logit - lse)
+    a = torch.where(own, grad_rows.float() * (p - 1.0), torch.zeros_like(p))
+    dx_hat.add_(a[:, None] * targets.grad_x)
+    if dw is not None and dw.shape[0] > 0:
+        rows = labels_local.clamp_min(0)
+        dw.index_add_(0, rows, ((a * w_inv[rows])[:, None] * targets.grad_w).to(dw.dtype))
