@@ -1,4 +1,4 @@
-"""Issue 2's table: the C++ backend against the naive reference on this CPU.
+"""The C++ backend against the naive reference on this CPU (RESULTS.md §1).
 
 B=512, D=256, float32, ArcFace, C in {50k, 200k, 1M}: fwd+bwd time and peak
 workspace side by side in one run, with the three bare GEMMs as the time floor.

@@ -116,17 +116,14 @@ def main(argv=None) -> int:
     tol = TOLERANCE[args.dtype]
     rows, ok = [], True
     for name in args.backends:
-        from margin_kernels.backends import triton_backend  # noqa: F401 (for the split strategy)
-
         backend = "triton" if name.startswith("triton") else name
+        options = mk.backends.KernelOptions(triton_backward="split" if name == "triton-split" else "atomic")
         row = dict(backend=name)
         try:
-            if backend == "triton":
-                triton_backend.BACKWARD = "split" if name == "triton-split" else "atomic"
             xg = x.detach().clone().requires_grad_(True)
             wg = w.detach().requires_grad_(True)
             t1 = time.perf_counter()
-            loss = mk.margin_cross_entropy(xg, wg, y, margin, backend=backend)
+            loss = mk.margin_cross_entropy(xg, wg, y, margin, backend=backend, options=options)
             loss.backward()
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()

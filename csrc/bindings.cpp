@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
     const at::Tensor& labels_local, const at::Tensor& target_logit,
     const at::Tensor& target_slope, const at::Tensor& lse, const at::Tensor& grad_rows,
     double scale, int64_t block_classes, const c10::optional<at::Tensor>& class_index,
-    bool compute_dw) {
+    bool weight_grad) {
   check_layout(x_hat, weight, labels_local);
   const int64_t classes = checked_classes(weight, class_index, x_hat);
   check_vector("w_inv", w_inv, classes, at::kFloat, x_hat);
@@ -115,11 +115,11 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
   if (x_hat.is_cuda())
     return margin_kernels::cuda::lse_backward(x_hat, weight, w_inv, labels_local, target_logit,
                                               target_slope, lse, grad_rows, scale, block_classes,
-                                              class_index, compute_dw);
+                                              class_index, weight_grad);
 #endif
   return margin_kernels::lse_backward(x_hat, weight, w_inv, labels_local, target_logit,
                                       target_slope, lse, grad_rows, scale, block_classes,
-                                      class_index, compute_dw);
+                                      class_index, weight_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
@@ -142,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "margin_kernels C++ kernels (kernel contract of DESIGN.md section 2)";
+  m.doc() = "margin_kernels C++ kernels (the kernel interface of docs/DESIGN.md section 4)";
   m.attr("with_cuda") = kWithCuda;
   m.def("row_inv_norms", &row_inv_norms, "1/max(||w_j||, eps) per row");
   m.def("lse_forward", &lse_forward, "class-blocked forward: per-row logsumexp",
@@ -153,7 +153,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),
         py::arg("target_logit"), py::arg("target_slope"), py::arg("lse"), py::arg("grad_rows"),
         py::arg("scale"), py::arg("block_classes"), py::arg("class_index") = py::none(),
-        py::arg("compute_dw") = true);
+        py::arg("weight_grad") = true);
   m.def("fused_forward_backward", &fused_forward_backward,
         "row-chunked single-shard sweep: (lse, dx_hat, dW) in three GEMMs");
 }

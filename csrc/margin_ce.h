@@ -1,4 +1,4 @@
-// Kernel contract of DESIGN.md §2 for one class shard, plus the single-shard
+// Kernel interface of docs/DESIGN.md §4 for one class shard, plus the single-shard
 // row-chunked shortcut. All per-row vectors are float32; x_hat is float32 and
 // already normalized; W is the raw (unnormalized) class matrix of the shard.
 #pragma once
@@ -7,38 +7,41 @@
 
 #include <tuple>
 
+// The interface, declared once for the CPU (namespace margin_kernels) and, in
+// builds with CUDA, for CUDA tensors (margin_kernels::cuda, in csrc/cuda/).
+#define MK_DECLARE_KERNEL_INTERFACE                                                          \
+  /* 1 / max(||w_j||, eps) per row of `weight`, accumulated in float32. */                  \
+  at::Tensor row_inv_norms(const at::Tensor& weight, double eps);                            \
+                                                                                             \
+  /* `class_index` (optional, int64 [K]): the shard's classes are the rows                   \
+     weight[class_index]; per-class inputs (w_inv) and outputs (dW) then have K              \
+     rows, and labels_local count positions in the index.                                    \
+     Sweeps class blocks of `block_classes` and returns the shard's logsumexp per            \
+     row. Column `labels_local[i]` (when >= 0) takes `target_logit[i]` instead of            \
+     s * cos. Never holds more than B x block_classes logits. */                             \
+  at::Tensor lse_forward(const at::Tensor& x_hat, const at::Tensor& weight,                  \
+                         const at::Tensor& w_inv, const at::Tensor& labels_local,            \
+                         const at::Tensor& target_logit, double scale, int64_t block_classes, \
+                         const c10::optional<at::Tensor>& class_index);                      \
+                                                                                             \
+  /* Recomputes each class block and returns (dx_hat float32 [B, D], dW [C, D] in            \
+     weight's dtype), for row weights `grad_rows` and the global `lse`. Without              \
+     `weight_grad` (a weight that needs no gradient) dW is [0, D] and its GEMM is            \
+     skipped. */                                                                             \
+  std::tuple<at::Tensor, at::Tensor> lse_backward(                                           \
+      const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,            \
+      const at::Tensor& labels_local, const at::Tensor& target_logit,                        \
+      const at::Tensor& target_slope, const at::Tensor& lse, const at::Tensor& grad_rows,    \
+      double scale, int64_t block_classes, const c10::optional<at::Tensor>& class_index,     \
+      bool weight_grad);
+
 namespace margin_kernels {
 
-// 1 / max(||w_j||, eps) per row of `weight`, accumulated in float32.
-at::Tensor row_inv_norms(const at::Tensor& weight, double eps);
+MK_DECLARE_KERNEL_INTERFACE
 
-// `class_index` (optional, int64 [K]): the shard's classes are the rows
-// weight[class_index]; per-class inputs (w_inv) and outputs (dW) then have K
-// rows, and labels_local count positions in the index.
-//
-// Sweeps class blocks of `block_classes` and returns the shard's logsumexp per
-// row. Column `labels_local[i]` (when >= 0) takes `target_logit[i]` instead of
-// s * cos. Never holds more than B x block_classes logits.
-at::Tensor lse_forward(const at::Tensor& x_hat, const at::Tensor& weight,
-                       const at::Tensor& w_inv, const at::Tensor& labels_local,
-                       const at::Tensor& target_logit, double scale,
-                       int64_t block_classes,
-                       const c10::optional<at::Tensor>& class_index);
-
-// Recomputes each class block and returns (dx_hat float32 [B, D], dW [C, D] in
-// weight's dtype), for row weights `grad_rows` and the global `lse`. Without
-// `compute_dw` (a weight that needs no gradient) dW is [0, D] and its GEMM is
-// skipped.
-std::tuple<at::Tensor, at::Tensor> lse_backward(
-    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
-    const at::Tensor& labels_local, const at::Tensor& target_logit,
-    const at::Tensor& target_slope, const at::Tensor& lse,
-    const at::Tensor& grad_rows, double scale, int64_t block_classes,
-    const c10::optional<at::Tensor>& class_index, bool compute_dw);
-
-// Single-shard shortcut: sweeps chunks of `block_rows` rows over all classes and
-// returns (lse, dx_hat, dW) for row weights `grad_rows` in one pass of three
-// GEMMs. float32 weights only.
+// Single-shard shortcut (CPU only): sweeps chunks of `block_rows` rows over all
+// classes and returns (lse, dx_hat, dW) for row weights `grad_rows` in one pass
+// of three GEMMs. float32 weights only.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& target_logit,
@@ -46,22 +49,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
     int64_t block_rows);
 
 #ifdef MK_WITH_CUDA
-// The same contract on CUDA tensors (csrc/cuda/margin_ce_cuda.cpp): cuBLAS
-// blocks through ATen plus the epilogue kernels of csrc/cuda/epilogue.cu.
+// cuBLAS blocks through ATen plus the epilogue kernels of csrc/cuda/epilogue.cu.
 namespace cuda {
-at::Tensor row_inv_norms(const at::Tensor& weight, double eps);
-at::Tensor lse_forward(const at::Tensor& x_hat, const at::Tensor& weight,
-                       const at::Tensor& w_inv, const at::Tensor& labels_local,
-                       const at::Tensor& target_logit, double scale,
-                       int64_t block_classes,
-                       const c10::optional<at::Tensor>& class_index);
-std::tuple<at::Tensor, at::Tensor> lse_backward(
-    const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
-    const at::Tensor& labels_local, const at::Tensor& target_logit,
-    const at::Tensor& target_slope, const at::Tensor& lse,
-    const at::Tensor& grad_rows, double scale, int64_t block_classes,
-    const c10::optional<at::Tensor>& class_index, bool compute_dw);
+MK_DECLARE_KERNEL_INTERFACE
 }  // namespace cuda
 #endif
 
 }  // namespace margin_kernels
+
+#undef MK_DECLARE_KERNEL_INTERFACE

@@ -2,7 +2,7 @@
 (no download) with softmax, ArcFace and ElasticArcFace+, and draw the embeddings
 on the unit circle per class, as the ArcFace paper does for 8 identities.
 
-    pip install -e '.[demo]'      # scikit-learn and matplotlib
+    bash scripts/install.sh demo   # or: pip install scikit-learn matplotlib
     python3 examples/train_digits.py --out docs/digits_embeddings.png
 
 Prints the test accuracy of nearest-class-centre classification (cosine to the
@@ -25,7 +25,7 @@ def load_digits(seed: int):
         from sklearn.datasets import load_digits as sk_load
         from sklearn.model_selection import train_test_split
     except ImportError as exc:
-        raise SystemExit("this demo needs scikit-learn: pip install -e '.[demo]'") from exc
+        raise SystemExit("this demo needs scikit-learn: bash scripts/install.sh demo (or pip install scikit-learn)") from exc
     data = sk_load()
     x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
     y = torch.tensor(data.target)
@@ -96,7 +96,7 @@ def draw(results, path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise SystemExit("this demo needs matplotlib: pip install -e '.[demo]'") from exc
+        raise SystemExit("this demo needs matplotlib: bash scripts/install.sh demo (or pip install matplotlib)") from exc
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.4))
     colors = plt.get_cmap("tab10").colors
     circle = torch.linspace(0, 2 * math.pi, 200)

@@ -1,8 +1,9 @@
 """Fused margin-softmax losses (ArcFace, CosFace, ElasticFace, ...) that never
-build the batch x classes logits matrix. See README.md and DESIGN.md."""
+build the batch x classes logits matrix. See README.md and docs/DESIGN.md."""
 import torch  # noqa: F401  (before _C, whose symbols live in libtorch)
 
-from . import nn
+from . import backends, nn
+from .backends import KernelOptions
 from .functional import draw_margins, margin_cross_entropy
 from .partial_fc import PartialFC
 from .margins import (
@@ -25,11 +26,13 @@ __all__ = [
     "CosFace",
     "ElasticArcFace",
     "ElasticCosFace",
+    "KernelOptions",
     "Margin",
     "NormSoftmax",
     "PartialFC",
     "RowMargins",
     "SphereFace",
+    "backends",
     "draw_margins",
     "margin_cross_entropy",
     "nn",

@@ -30,6 +30,8 @@ def margin_ce_rows(
     ignore_index: int,
     backend: str,
     workspace_bytes: int,
+    triton_backward: str,
+    tf32: bool,
     check: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss per row, logsumexp per row, 1/||w_j||) of the fused loss.
@@ -37,22 +39,24 @@ def margin_ce_rows(
     ``target_grad_x`` / ``target_grad_w``: the target logits' gradients (see
     ``_targets``), used by the backward. ``check``: validate labels and x_hat
     here (under torch.compile, where the caller cannot); weight is always
-    checked, from its row norms.
+    checked, from its row norms. ``workspace_bytes``, ``triton_backward`` and
+    ``tf32`` are the resolved :class:`~margin_kernels.backends.KernelOptions`.
     """
     if check:
         check_values(x_hat, None, labels, ignore_index, num_classes=weight.shape[0])
     kernels = backends.load(backend)
+    options = backends.KernelOptions(workspace_bytes, triton_backward, tf32)
     labels_local = _labels_local(labels, ignore_index)
     w_inv = kernels.row_inv_norms(weight)
     check_weight_norms(w_inv, weight)
-    lse = kernels.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_bytes)
+    lse = kernels.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, scale=s, options=options)
     loss = torch.where(labels_local >= 0, lse - target_logit, torch.zeros_like(lse))
     return loss, lse, w_inv
 
 
 @margin_ce_rows.register_fake
 def _(x_hat, weight, labels, target_logit, target_grad_x, target_grad_w, s, ignore_index, backend, workspace_bytes,
-      check):
+      triton_backward, tf32, check):
     b, c = x_hat.shape[0], weight.shape[0]
     return x_hat.new_empty(b), x_hat.new_empty(b), x_hat.new_empty(c)
 
@@ -72,17 +76,20 @@ def margin_ce_rows_backward(
     ignore_index: int,
     backend: str,
     workspace_bytes: int,
+    triton_backward: str,
+    tf32: bool,
     weight_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """(d loss / d x_hat, d loss / d weight) for upstream per-row gradients; the
     weight's is [0, D] (and never computed) without ``weight_grad``."""
     kernels = backends.load(backend)
+    options = backends.KernelOptions(workspace_bytes, triton_backward, tf32)
     labels_local = _labels_local(labels, ignore_index)
     g = torch.where(labels_local >= 0, grad_rows.float(), torch.zeros_like(lse))
     # The kernels see a zero slope: the target columns' gradient is added exactly below.
     dx, dw = kernels.lse_backward(
-        x_hat, weight, w_inv, labels_local, target_logit, torch.zeros_like(target_logit), s, lse, g, workspace_bytes,
-        weight_grad=weight_grad,
+        x_hat, weight, w_inv, labels_local, target_logit, torch.zeros_like(target_logit), lse, g, scale=s,
+        options=options, weight_grad=weight_grad,
     )
     targets = Targets(target_logit, target_logit, target_grad_x, target_grad_w)
     add_target_gradients(dx, dw, targets, labels_local, lse, g, w_inv)
@@ -91,15 +98,15 @@ def margin_ce_rows_backward(
 
 @margin_ce_rows_backward.register_fake
 def _(grad_rows, x_hat, weight, w_inv, labels, target_logit, target_grad_x, target_grad_w, lse, s, ignore_index, backend,
-      workspace_bytes, weight_grad):
+      workspace_bytes, triton_backward, tf32, weight_grad):
     return torch.empty_like(x_hat), weight.new_empty(weight.shape if weight_grad else (0, weight.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):
-    x_hat, weight, labels, target_logit, grad_x, grad_w, s, ignore_index, backend, workspace_bytes, _ = inputs
+    x_hat, weight, labels, target_logit, grad_x, grad_w, *args, _ = inputs  # args: s ... tf32
     _, lse, w_inv = output
     ctx.save_for_backward(x_hat, weight, w_inv, labels, target_logit, grad_x, grad_w, lse)
-    ctx.args = (s, ignore_index, backend, workspace_bytes)
+    ctx.args = tuple(args)
     ctx.mark_non_differentiable(lse, w_inv)
 
 
@@ -108,7 +115,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_w_inv):
     weight_grad = ctx.needs_input_grad[1]
     dx_hat, dw = margin_ce_rows_backward(grad_loss, x_hat, weight, w_inv, labels, target_logit, grad_x, grad_w, lse,
                                          *ctx.args, weight_grad)
-    return dx_hat, dw if weight_grad else None, None, None, None, None, None, None, None, None, None
+    return (dx_hat, dw if weight_grad else None) + (None,) * 11
 
 
 margin_ce_rows.register_autograd(_backward, setup_context=_setup_context)
@@ -127,12 +134,12 @@ class FusedReducedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_hat, weight, labels_local, targets: Targets, row_scale, s, kernels, workspace_bytes):
+    def forward(ctx, x_hat, weight, labels_local, targets: Targets, row_scale, s, kernels, options):
         w_inv = kernels.row_inv_norms(weight)
         check_weight_norms(w_inv, weight)
         lse, dx_hat, dw = kernels.fused_forward_backward(
-            x_hat, weight, w_inv, labels_local, targets.logit, torch.zeros_like(targets.logit), row_scale, s,
-            workspace_bytes,
+            x_hat, weight, w_inv, labels_local, targets.logit, torch.zeros_like(targets.logit), row_scale, scale=s,
+            options=options,
         )
         add_target_gradients(dx_hat, dw, targets, labels_local, lse, row_scale, w_inv)
         loss = (row_scale * (lse - targets.logit)).sum()

@@ -1,6 +1,8 @@
 """margin_cross_entropy(): validation, dispatch to a backend, autograd."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -60,12 +62,13 @@ def margin_cross_entropy(
     return_lse: bool = False,
     workspace_bytes: int | None = None,
     margins: RowMargins | None = None,
+    options: backends.KernelOptions | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Margin-softmax cross-entropy of ``embeddings`` against class ``weight``.
 
     Computes, for x_hat and w_hat the L2-normalized rows,
     ``loss_i = logsumexp_j z_ij - z_iy`` with ``z_ij = s cos(x_i, w_j)`` and the
-    target logit ``z_iy = s (cos(m1 theta + m2) - m3)`` (DESIGN.md §1). Fused
+    target logit ``z_iy = s (cos(m1 theta + m2) - m3)`` (docs/DESIGN.md §1). Fused
     backends never hold the B x C logits.
 
     Args:
@@ -79,16 +82,20 @@ def margin_cross_entropy(
         generator: source of elastic margin draws, for reproducible steps.
         return_lse: also return the per-row logsumexp (detached).
         workspace_bytes: scratch budget of the fused sweep in bytes (default:
-            ``$MARGIN_KERNELS_WORKSPACE_MB`` MiB, else 64 MiB).
+            ``$MARGIN_KERNELS_WORKSPACE_MB`` MiB, else 64 MiB); a shorthand for
+            ``options=KernelOptions(workspace_bytes=...)``.
         margins: per-row (m1, m2, m3) to use instead of drawing them from
             ``margin`` (e.g. the ``last_margins`` of an elastic module, to replay a step).
+        options: how the fused kernels run (:class:`margin_kernels.backends.KernelOptions`:
+            workspace, the Triton backward, TF32); defaults read from the
+            environment at call time.
 
     Returns:
         The loss (a scalar, or [B] for ``reduction="none"``) in float32, and the
         [B] logsumexp if ``return_lse``.
     """
     check_args(embeddings, weight, labels, margin, reduction)
-    check_workspace(workspace_bytes)
+    options = kernel_options(options, workspace_bytes)
     if margins is not None:
         margins = check_margins(margins, labels.shape[0], embeddings.device)
     name = backends.resolve(backend, embeddings.device)
@@ -116,36 +123,55 @@ def margin_cross_entropy(
         margins = margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=geo.cos.float(),
                                      valid=valid, generator=generator)
     targets = prepare_targets(geo, margins, margin)
-    workspace = backends.default_workspace_bytes() if workspace_bytes is None else workspace_bytes
     kernels = backends.load(name)
+    options = options.resolved()
 
-    if _can_fuse(kernels, weight, reduction, compiling, labels.shape[0], workspace):
+    if _can_fuse(kernels, weight, reduction, compiling, labels.shape[0], options):
         labels_local = _labels_local(labels, ignore_index)
         row_scale = valid.float()
         if reduction == "mean":
             row_scale = row_scale / valid.sum().clamp_min(1)
         loss, lse = FusedReducedLoss.apply(
-            x_hat.contiguous(), weight, labels_local, targets, row_scale, margin.s, kernels, workspace
+            x_hat.contiguous(), weight, labels_local, targets, row_scale, margin.s, kernels, options
         )
     else:
         rows, lse, _ = torch.ops.margin_kernels.margin_ce_rows(
             x_hat.contiguous(), weight.contiguous(), labels, targets.logit, targets.grad_x, targets.grad_w,
-            float(margin.s), int(ignore_index), name, workspace, compiling,
+            float(margin.s), int(ignore_index), name, options.workspace_bytes, options.triton_backward, options.tf32,
+            compiling,
         )
         loss = reference.reduce_rows(rows, valid, reduction)
     return (loss, lse) if return_lse else loss
 
 
-def _can_fuse(kernels, weight: Tensor, reduction: str, compiling: bool, batch: int, workspace: int) -> bool:
+def kernel_options(options: backends.KernelOptions | None, workspace_bytes: int | None) -> backends.KernelOptions:
+    """The options of a call: ``options``, with the ``workspace_bytes`` shorthand in."""
+    check_workspace(workspace_bytes)
+    if options is None:
+        return backends.KernelOptions(workspace_bytes=workspace_bytes)
+    if not isinstance(options, backends.KernelOptions):
+        raise TypeError(f"options must be a margin_kernels.backends.KernelOptions, got {type(options).__name__}")
+    if workspace_bytes is not None:
+        if options.workspace_bytes not in (None, workspace_bytes):
+            raise ValueError(f"workspace_bytes={workspace_bytes} disagrees with options.workspace_bytes="
+                             f"{options.workspace_bytes}; pass one of them")
+        return replace(options, workspace_bytes=workspace_bytes)
+    return options
+
+
+def _can_fuse(kernels, weight: Tensor, reduction: str, compiling: bool, batch: int, options) -> bool:
     """The row-chunked single-pass shortcut: eager, reduced, weight gradient
-    wanted, and a backend that finds it faster at this size."""
-    return (
+    wanted, a backend that has it, and ``options.single_pass`` (None: where the
+    backend finds it faster at this size)."""
+    applies = (
         not compiling
         and reduction in ("mean", "sum")
         and torch.is_grad_enabled()
         and weight.requires_grad
         and weight.is_contiguous()
-        and hasattr(kernels, "prefers_fused")
-        and kernels.prefers_fused(weight, batch, workspace)
+        and kernels.supports_fused(weight)
     )
+    if not applies or options.single_pass is False:
+        return False
+    return options.single_pass or kernels.prefers_fused(weight, batch, options)
 

@@ -1,4 +1,4 @@
-"""Margin specifications and the per-row target transform (DESIGN.md §1).
+"""Margin specifications and the per-row target transform (docs/DESIGN.md §1).
 
 Every margin is a choice of the per-row triple (m1, m2, m3) and the scale s:
 

@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from . import margins as _margins
-from .functional import draw_margins, margin_cross_entropy
+from .backends import KernelOptions
+from .functional import draw_margins, kernel_options, margin_cross_entropy
 from .margins import Margin, RowMargins
 
 __all__ = [
@@ -35,7 +36,7 @@ class MarginSoftmaxLoss(nn.Module):
         embedding_size: D.
         num_classes: C.
         margin: the margin spec.
-        reduction, ignore_index, backend, workspace_bytes: as in ``margin_cross_entropy``.
+        reduction, ignore_index, backend, workspace_bytes, options: as in ``margin_cross_entropy``.
         generator: source of elastic draws; ``last_margins`` keeps the last step's.
         device, dtype: of the weight (initialized N(0, 0.01) like insightface).
     """
@@ -52,6 +53,7 @@ class MarginSoftmaxLoss(nn.Module):
         ignore_index: int = -100,
         backend: str = "auto",
         workspace_bytes: int | None = None,
+        options: KernelOptions | None = None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -63,7 +65,7 @@ class MarginSoftmaxLoss(nn.Module):
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.backend = backend
-        self.workspace_bytes = workspace_bytes
+        self.options = kernel_options(options, workspace_bytes)
         self.generator = generator
         self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
         self.last_margins = None
@@ -85,7 +87,7 @@ class MarginSoftmaxLoss(nn.Module):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             backend=self.backend,
-            workspace_bytes=self.workspace_bytes,
+            options=self.options,
             margins=row_margins,
         )
 
@@ -95,7 +97,7 @@ class MarginSoftmaxLoss(nn.Module):
 
 
 def _named_head(spec: type[Margin]) -> type[MarginSoftmaxLoss]:
-    loss_kwargs = ("reduction", "ignore_index", "backend", "workspace_bytes", "generator", "device", "dtype")
+    loss_kwargs = ("reduction", "ignore_index", "backend", "workspace_bytes", "options", "generator", "device", "dtype")
 
     def __init__(self, embedding_size: int, num_classes: int, *margin_args, **kwargs) -> None:
         head_kwargs = {k: kwargs.pop(k) for k in loss_kwargs if k in kwargs}

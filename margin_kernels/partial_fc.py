@@ -1,5 +1,5 @@
 """PartialFC: the class matrix sharded over the ranks of a process group
-(DESIGN.md §3), with optional sampled negatives.
+(docs/DESIGN.md §6), with optional sampled negatives.
 
 Rank r owns the contiguous block of classes [start_r, start_r + num_local_r),
 num_local_r = C // W + (r < C % W). A step:
@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _shard_io, backends
-from ._checks import (FUSED_DTYPES, bad_norm_rows, bad_values, check_values, check_workspace, describe_bad_row,
-                      first_bad_weight_row)
+from ._checks import FUSED_DTYPES, bad_norm_rows, bad_values, check_values, describe_bad_row, first_bad_weight_row
 from ._sharding import Group, class_split
 from ._targets import Targets, add_target_gradients, geometry, prepare_targets
+from .functional import kernel_options
 from .margins import NORM_EPS, CombinedMargin, Margin, RowMargins
 
 __all__ = ["PartialFC", "class_split", "sample_count"]
@@ -67,10 +67,11 @@ class _ShardedMarginLoss(torch.autograd.Function):
     """Mean loss over the global batch, from this rank's (sampled) classes."""
 
     @staticmethod
-    def forward(ctx, x_hat, weight, labels_local, targets: Targets, valid, class_index, s, kernels, group, workspace):
+    def forward(ctx, x_hat, weight, labels_local, targets: Targets, valid, class_index, s, kernels, group, options):
         target = targets.logit
         w_inv = kernels.row_inv_norms(weight, class_index=class_index)
-        lse_local = kernels.lse_forward(x_hat, weight, w_inv, labels_local, target, s, workspace, class_index=class_index)
+        lse_local = kernels.lse_forward(x_hat, weight, w_inv, labels_local, target, scale=s, options=options,
+                                        class_index=class_index)
         row_max = group.all_reduce(lse_local.clone(), "max")
         row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
         # The SUM all-reduce also carries one flag per rank for NaN/Inf weight
@@ -85,7 +86,7 @@ class _ShardedMarginLoss(torch.autograd.Function):
         count = valid.sum().clamp_min(1).float()
         loss = torch.where(valid, lse - target, torch.zeros_like(lse)).sum() / count
         ctx.save_for_backward(x_hat, weight, w_inv, labels_local, lse, valid, class_index, *targets)
-        ctx.s, ctx.kernels, ctx.workspace, ctx.count = s, kernels, workspace, count
+        ctx.s, ctx.kernels, ctx.options, ctx.count = s, kernels, options, count
         return loss, lse
 
     @staticmethod
@@ -97,8 +98,8 @@ class _ShardedMarginLoss(torch.autograd.Function):
         # The kernels see a zero slope: the target columns' gradient is added exactly
         # by this shard (the rows' owner), then summed over ranks with dx_hat.
         dx_hat, dw = ctx.kernels.lse_backward(
-            x_hat, weight, w_inv, labels_local, targets.logit, torch.zeros_like(lse), ctx.s, lse, g, ctx.workspace,
-            class_index=class_index, weight_grad=weight_grad,
+            x_hat, weight, w_inv, labels_local, targets.logit, torch.zeros_like(lse), lse, g, scale=ctx.s,
+            options=ctx.options, class_index=class_index, weight_grad=weight_grad,
         )
         add_target_gradients(dx_hat, dw, targets, labels_local, lse, g, w_inv)
         if not weight_grad:
@@ -134,6 +135,7 @@ class PartialFC(nn.Module):
             B_global)`` = max(ceil(sample_rate * C_local), min(C_local, B_global))
             classes per rank (``sample_rounding="floor"``: int() instead of ceil,
             insightface's count).
+        options: how the fused kernels run (``margin_kernels.backends.KernelOptions``).
         process_group: the group the classes are sharded over (default: the
             default group when initialized, else a single process).
         dtype, device: of this rank's weight shard, initialized N(0, 0.01).
@@ -141,7 +143,8 @@ class PartialFC(nn.Module):
         generator: source of the weight's initialization, the negative samples
             and elastic margins (on rank 0, which broadcasts the margins); on the
             weight's device type, where everything is drawn.
-        workspace_bytes: scratch budget of the fused kernels.
+        workspace_bytes: scratch budget of the fused kernels (a shorthand for
+            ``options=KernelOptions(workspace_bytes=...)``).
 
     ``forward(embeddings, labels)`` takes this rank's rows (any number, zero
     included) and returns the mean loss over the global batch, the same on every
@@ -178,6 +181,7 @@ class PartialFC(nn.Module):
         generator: torch.Generator | None = None,
         workspace_bytes: int | None = None,
         sample_rounding: Literal["ceil", "floor"] = "ceil",
+        options: backends.KernelOptions | None = None,
     ) -> None:
         super().__init__()
         if sample_rounding not in ("ceil", "floor"):
@@ -199,8 +203,7 @@ class PartialFC(nn.Module):
         self.embedding_size, self.num_classes, self.margin = embedding_size, num_classes, margin
         self.sample_rate, self.backend, self.generator = sample_rate, backend, generator
         self.sample_rounding = sample_rounding
-        check_workspace(workspace_bytes)
-        self.workspace_bytes = workspace_bytes
+        self.options = kernel_options(options, workspace_bytes)
         self.class_start, self.num_local = class_split(num_classes, self._group.size, self._group.rank)
         self.weight = nn.Parameter(torch.empty(self.num_local, embedding_size, device=device)
                                    .normal_(0.0, 0.01, generator=generator).to(dtype))
@@ -306,8 +309,7 @@ class PartialFC(nn.Module):
         kernels = backends.load(backends.resolve(self.backend, x.device) if self.backend == "auto" else self.backend)
         loss, _ = _ShardedMarginLoss.apply(
             x_hat.contiguous(), self.weight, labels_local, targets, valid, class_index,
-            float(self.margin.s), kernels, group,
-            backends.default_workspace_bytes() if self.workspace_bytes is None else self.workspace_bytes,
+            float(self.margin.s), kernels, group, self.options.resolved(),
         )
         return loss
 

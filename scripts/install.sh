@@ -22,6 +22,23 @@ fi
 if [[ "${1:-}" == "demo" ]]; then
   "${PIP[@]}" scikit-learn matplotlib
 fi
-echo "install.sh: building margin_kernels._C ..." >&2
-"${PIP[@]}" --no-build-isolation --use-pep517 -e .
+# Rebuild only when the sources, the build script or torch changed since the
+# last build from this tree (a stamp under build/, which git ignores).
+STAMP=build/.install-stamp
+stamp=$("$PY" - <<'PY'
+import hashlib, pathlib, torch
+h = hashlib.sha256(torch.__version__.encode())
+for p in sorted([*pathlib.Path("csrc").rglob("*"), pathlib.Path("setup.py"), pathlib.Path("pyproject.toml")]):
+    if p.is_file():
+        h.update(str(p).encode()); h.update(p.read_bytes())
+print(h.hexdigest())
+PY
+)
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$stamp" ]] && "$PY" -c "import margin_kernels._C" 2>/dev/null; then
+  echo "install.sh: margin_kernels._C is current (sources unchanged since the last build); not rebuilding" >&2
+else
+  echo "install.sh: building margin_kernels._C ..." >&2
+  "${PIP[@]}" --no-build-isolation --use-pep517 -e .
+  mkdir -p build && echo "$stamp" > "$STAMP"
+fi
 "$PY" -c "import margin_kernels, margin_kernels.backends as b; print('margin_kernels', margin_kernels.__version__, '| cpp backend:', b.is_available('cpp'))"

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 import margin_kernels as mk
-from margin_kernels import functional
 from margin_kernels.backends import cpp as cpp_backend
 
 from conftest import ALL_MARGINS, loss_and_grads, make_problem, rel_err, requires_cpp
@@ -21,11 +20,10 @@ SMALL_WORKSPACE = 4096  # bytes: forces many class blocks / row chunks
 
 @pytest.fixture(params=["fused", "blocked"])
 def path(request, monkeypatch):
-    """Run each check through the single-pass shortcut and through the contract path."""
-    if request.param == "blocked":
-        monkeypatch.setattr(functional, "_can_fuse", lambda *a, **k: False)
-    else:  # take the shortcut whenever it applies, however small the row chunks
-        monkeypatch.setattr(cpp_backend, "MIN_FUSED_ROWS", 1)
+    """Run each check through the single-pass shortcut (wherever it applies,
+    however small the row chunks) and through the class-blocked path, by the
+    documented default of KernelOptions.single_pass."""
+    monkeypatch.setenv("MARGIN_KERNELS_SINGLE_PASS", "1" if request.param == "fused" else "0")
     return request.param
 
 
@@ -33,7 +31,7 @@ def path(request, monkeypatch):
 def test_path_fixture_reaches_the_kernel_it_names(reduction, expect_fused, path, monkeypatch):
     calls = []
     real = cpp_backend.fused_forward_backward
-    monkeypatch.setattr(cpp_backend, "fused_forward_backward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(cpp_backend, "fused_forward_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, w, y = make_problem(9, 8, 50)
     loss_and_grads(x, w, y, mk.ArcFace(), backend="cpp", reduction=reduction, workspace_bytes=SMALL_WORKSPACE)
     assert bool(calls) == (expect_fused and path == "fused")

@@ -1,5 +1,5 @@
 """benchmarks/gpu_run.sh first-look, rehearsed on the CPU at tiny sizes: every
-step runs and the summary reports it, so a GPU session spends its minutes
+step runs and the summary reports it, so time on a GPU is spent
 measuring, not debugging the script."""
 import os
 import shutil

@@ -20,7 +20,7 @@ ANGLES = [1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
 
 def problem(angle: float, flip: bool):
     """x at ``angle`` from its class's weight row (or pi minus it), plus a second
-    class near both: the issue's W = [[1,0,0,0],[1,0,.1,0]], x = [[1,1e-4,0,0]]."""
+    class near both (as in W = [[1,0,0,0],[1,0,.1,0]], x = [[1,1e-4,0,0]])."""
     w = torch.tensor([[-1.0 if flip else 1.0, 0, 0, 0], [1.0, 0, 0.1, 0]], dtype=torch.float64)
     x = torch.tensor([[1.0, math.tan(angle), 0, 0], [0.3, -0.2, 0.9, 0.1]], dtype=torch.float64)
     y = torch.tensor([0, 1])

@@ -22,20 +22,29 @@ SHAPE = (37, 72, 1000)  # odd: no dimension a multiple of any block
 
 @pytest.fixture(autouse=True, params=["atomic", "split"])
 def backward_strategy(request, monkeypatch):
-    """Every test runs with both backward strategies (MARGIN_KERNELS_TRITON_BACKWARD)."""
-    from margin_kernels.backends import triton_backend as tb
-
-    monkeypatch.setattr(tb, "BACKWARD", request.param)
+    """Every test runs with both backward strategies, through their documented
+    default (read at call time)."""
+    monkeypatch.setenv("MARGIN_KERNELS_TRITON_BACKWARD", request.param)
     return request.param
 
 
 def test_unknown_backward_strategy_is_a_clear_error(monkeypatch):
-    from margin_kernels.backends import triton_backend as tb
-
-    monkeypatch.setattr(tb, "BACKWARD", "atomics")
     x, w, y = make_problem(4, 8, 10)
+    with pytest.raises(ValueError, match="triton_backward must be one of"):
+        mk.KernelOptions(triton_backward="atomics")
+    monkeypatch.setenv("MARGIN_KERNELS_TRITON_BACKWARD", "atomics")
     with pytest.raises(ValueError, match="MARGIN_KERNELS_TRITON_BACKWARD must be one of"):
         loss_and_grads(*(t.to(DEVICE) for t in (x, w, y)), mk.ArcFace(), backend="triton")
+
+
+def test_the_options_argument_picks_the_backward(backward_strategy):
+    """options= wins over the environment's default: both strategies agree."""
+    x, w, y = (t.to(DEVICE) for t in make_problem(9, 16, 70, seed=4))
+    other = "split" if backward_strategy == "atomic" else "atomic"
+    a = loss_and_grads(x, w, y, mk.ArcFace(), backend="triton")
+    b = loss_and_grads(x, w, y, mk.ArcFace(), backend="triton", options=mk.KernelOptions(triton_backward=other))
+    for u, v in zip(a, b):
+        assert rel_err(u.cpu(), v.cpu()) < 1e-6
 
 
 def compare(x, w, y, margin, tol=FP32_TOL, half=False, **kwargs):
@@ -97,17 +106,19 @@ def test_index_gather_reads_and_writes_only_the_sampled_rows():
     t, slope = target_logit(cos_y, mk.ArcFace().row_margins(b))
     target = 64.0 * t
     dev = lambda v: v.to(DEVICE)  # noqa: E731
+    opts = mk.KernelOptions(workspace_bytes=2**26).resolved()
     w_inv = tb.row_inv_norms(dev(w), class_index=dev(index))
-    lse = tb.lse_forward(dev(x_hat), dev(w), w_inv, dev(labels_local), dev(target), 64.0, 2**26, class_index=dev(index))
+    lse = tb.lse_forward(dev(x_hat), dev(w), w_inv, dev(labels_local), dev(target), scale=64.0, options=opts,
+                         class_index=dev(index))
     g = torch.rand(b)
-    dx, dw = tb.lse_backward(dev(x_hat), dev(w), w_inv, dev(labels_local), dev(target), dev(slope), 64.0, lse, dev(g),
-                             2**26, class_index=dev(index))
+    dx, dw = tb.lse_backward(dev(x_hat), dev(w), w_inv, dev(labels_local), dev(target), dev(slope), lse, dev(g),
+                             scale=64.0, options=opts, class_index=dev(index))
     assert dw.shape == (k, d)
     # The same on a copy of the sampled rows, without an index.
     w_inv2 = tb.row_inv_norms(dev(w_sub))
-    lse2 = tb.lse_forward(dev(x_hat), dev(w_sub), w_inv2, dev(labels_local), dev(target), 64.0, 2**26)
-    dx2, dw2 = tb.lse_backward(dev(x_hat), dev(w_sub), w_inv2, dev(labels_local), dev(target), dev(slope), 64.0,
-                               lse2, dev(g), 2**26)
+    lse2 = tb.lse_forward(dev(x_hat), dev(w_sub), w_inv2, dev(labels_local), dev(target), scale=64.0, options=opts)
+    dx2, dw2 = tb.lse_backward(dev(x_hat), dev(w_sub), w_inv2, dev(labels_local), dev(target), dev(slope), lse2,
+                               dev(g), scale=64.0, options=opts)
     for a, b_ in ((lse, lse2), (dx, dx2), (dw, dw2)):
         assert rel_err(a.cpu(), b_.cpu()) < 1e-6
     # ... and against the reference on the sampled classes.

@@ -24,8 +24,8 @@ def tb():
 
 
 @pytest.fixture(params=["atomic", "split"])
-def strategy(request, tb, monkeypatch):
-    monkeypatch.setattr(tb, "BACKWARD", request.param)
+def strategy(request, monkeypatch):
+    monkeypatch.setenv("MARGIN_KERNELS_TRITON_BACKWARD", request.param)
     return request.param
 
 
@@ -162,10 +162,12 @@ def test_fp16_gradient_tile_stays_finite_where_cos_is_one(tb, strategy, sign):
     cos_y = (x_hat * w.float()[y] * w_inv[y, None]).sum(1)
     t, slope = target_logit(cos_y, mk.ArcFace().row_margins(b), overflow="none")
     dev = lambda v: v.to(DEVICE)  # noqa: E731
+    opts = mk.KernelOptions(workspace_bytes=2**26, triton_backward=strategy).resolved()
     w_inv_k = tb.row_inv_norms(dev(w))
-    lse = tb.lse_forward(dev(x_hat), dev(w), w_inv_k, dev(y), dev(s * t), s, 2**26)
+    lse = tb.lse_forward(dev(x_hat), dev(w), w_inv_k, dev(y), dev(s * t), scale=s, options=opts)
     grad = torch.ones(b)
-    dx, dw = tb.lse_backward(dev(x_hat), dev(w), w_inv_k, dev(y), dev(s * t), dev(slope), s, lse, dev(grad), 2**26)
+    dx, dw = tb.lse_backward(dev(x_hat), dev(w), w_inv_k, dev(y), dev(s * t), dev(slope), lse, dev(grad), scale=s,
+                             options=opts)
     assert torch.isfinite(dx).all() and torch.isfinite(dw).all()
 
     # float64 oracle of the tile products, from the same fp16 operands

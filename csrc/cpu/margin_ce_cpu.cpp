@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 
+#include "../blocks.h"
 #include "../margin_ce.h"
 #include "row_epilogue.h"
 
@@ -14,24 +15,12 @@ namespace {
 
 using at::Tensor;
 
-// A contiguous [rows, cols] float32 view on the front of a reusable buffer.
-Tensor scratch_view(const Tensor& buffer, int64_t rows, int64_t cols) {
-  return buffer.view({-1}).narrow(0, 0, rows * cols).view({rows, cols});
-}
-
-// The float32 class rows [start, start + n) of the shard: rows of `weight`, or
-// rows weight[class_index[start:start+n]] when an index is given (a copy of
-// one block only). Copied only when gathered or not float32.
+// class_block in float32 (the CPU GEMMs' operand type): a copy only when the
+// block is gathered or not float32.
 Tensor float_block(const Tensor& weight, const c10::optional<Tensor>& class_index,
                    int64_t start, int64_t n) {
-  Tensor block = class_index.has_value()
-                     ? weight.index_select(0, class_index->narrow(0, start, n))
-                     : weight.narrow(0, start, n);
+  Tensor block = class_block(weight, class_index, start, n);
   return block.scalar_type() == at::kFloat ? block : block.to(at::kFloat);
-}
-
-int64_t shard_classes(const Tensor& weight, const c10::optional<Tensor>& class_index) {
-  return class_index.has_value() ? class_index->size(0) : weight.size(0);
 }
 
 // Replacing the target column can lower a row's max; a stale max is a valid
@@ -145,15 +134,15 @@ std::tuple<Tensor, Tensor> lse_backward(
     const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
     const Tensor& labels_local, const Tensor& target_logit,
     const Tensor& target_slope, const Tensor& lse, const Tensor& grad_rows,
-    double scale, int64_t block_classes, const c10::optional<Tensor>& class_index, bool compute_dw) {
+    double scale, int64_t block_classes, const c10::optional<Tensor>& class_index, bool weight_grad) {
   const int64_t B = x_hat.size(0), C = shard_classes(weight, class_index), D = weight.size(1);
   const int64_t K = std::min(std::max<int64_t>(block_classes, 1), std::max<int64_t>(C, 1));
   Tensor dx_hat = at::zeros({B, D}, x_hat.options());
-  Tensor dw = at::empty({compute_dw ? C : 0, D}, weight.options());
+  Tensor dw = at::empty({weight_grad ? C : 0, D}, weight.options());
   if (B == 0 || C == 0) return {dx_hat, dw.zero_()};
   const bool float_weight = weight.scalar_type() == at::kFloat;
   Tensor buffer = at::empty({B, K}, x_hat.options());
-  Tensor dw_buffer = float_weight || !compute_dw ? Tensor() : at::empty({K, D}, x_hat.options());
+  Tensor dw_buffer = float_weight || !weight_grad ? Tensor() : at::empty({K, D}, x_hat.options());
   const float* inv = w_inv.data_ptr<float>();
   const int64_t* lab = labels_local.data_ptr<int64_t>();
   const float* tgt = target_logit.data_ptr<float>();
@@ -185,7 +174,7 @@ std::tuple<Tensor, Tensor> lse_backward(
       }
     });
     dx_hat.addmm_(e, w_blk);
-    if (!compute_dw) continue;  // a frozen weight: no dW GEMM, no dW memory
+    if (!weight_grad) continue;  // a frozen weight: no dW GEMM, no dW memory
     Tensor dw_blk = float_weight ? dw.narrow(0, c0, k) : scratch_view(dw_buffer, k, D);
     // (w_blk is a float32 copy for gathered or low-precision blocks, a view otherwise)
     gemm_into(dw_blk, e.t(), x_hat);

@@ -56,8 +56,8 @@ __device__ __forceinline__ float z_at(const float* row, int64_t j, const float* 
 }
 
 template <typename T>
-__global__ void normalize_rows_kernel(const T* __restrict__ x, int64_t dim, int64_t ld, float eps,
-                                      float* __restrict__ x_hat, float* __restrict__ inv) {
+__global__ void row_inv_norms_kernel(const T* __restrict__ x, int64_t dim, int64_t ld, float eps,
+                                     float* __restrict__ inv) {
   __shared__ float scratch[kWarps];
   const T* row = x + blockIdx.x * ld;
   float acc = 0.0f;
@@ -69,9 +69,6 @@ __global__ void normalize_rows_kernel(const T* __restrict__ x, int64_t dim, int6
   const float norm = sqrtf(block_reduce<false>(acc, scratch));
   const float r = 1.0f / (norm < eps ? eps : norm);
   if (threadIdx.x == 0) inv[blockIdx.x] = r;
-  if (x_hat != nullptr) {
-    for (int64_t k = threadIdx.x; k < dim; k += kThreads) x_hat[blockIdx.x * dim + k] = to_float(row[k]) * r;
-  }
 }
 
 __global__ void forward_epilogue_kernel(const float* __restrict__ logits, int64_t K, int64_t ld,
@@ -149,13 +146,13 @@ cudaError_t project_as(const float* G, const TW* w, int64_t rows, int64_t dim, i
 
 }  // namespace
 
-extern "C" cudaError_t mk_normalize_rows(const void* x, int dtype, int64_t rows, int64_t dim, int64_t ld,
-                                         float eps, float* x_hat, float* inv, cudaStream_t stream) {
+extern "C" cudaError_t mk_row_inv_norms(const void* x, int dtype, int64_t rows, int64_t dim, int64_t ld,
+                                        float eps, float* inv, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   switch (dtype) {
-    case MK_FLOAT32: normalize_rows_kernel<<<rows, kThreads, 0, stream>>>((const float*)x, dim, ld, eps, x_hat, inv); break;
-    case MK_BFLOAT16: normalize_rows_kernel<<<rows, kThreads, 0, stream>>>((const __nv_bfloat16*)x, dim, ld, eps, x_hat, inv); break;
-    case MK_FLOAT16: normalize_rows_kernel<<<rows, kThreads, 0, stream>>>((const __half*)x, dim, ld, eps, x_hat, inv); break;
+    case MK_FLOAT32: row_inv_norms_kernel<<<rows, kThreads, 0, stream>>>((const float*)x, dim, ld, eps, inv); break;
+    case MK_BFLOAT16: row_inv_norms_kernel<<<rows, kThreads, 0, stream>>>((const __nv_bfloat16*)x, dim, ld, eps, inv); break;
+    case MK_FLOAT16: row_inv_norms_kernel<<<rows, kThreads, 0, stream>>>((const __half*)x, dim, ld, eps, inv); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();

@@ -14,9 +14,9 @@ extern "C" {
 enum mk_dtype { MK_FLOAT32 = 0, MK_BFLOAT16 = 1, MK_FLOAT16 = 2 };
 
 // inv[r] = 1 / max(||x_r||, eps) over rows of a [rows, dim] matrix (row stride
-// `ld`); when x_hat is not null also x_hat[r] = x_r * inv[r] in float32.
-cudaError_t mk_normalize_rows(const void* x, int dtype, int64_t rows, int64_t dim, int64_t ld,
-                              float eps, float* x_hat, float* inv, cudaStream_t stream);
+// `ld`), NaN for a row with a NaN.
+cudaError_t mk_row_inv_norms(const void* x, int dtype, int64_t rows, int64_t dim, int64_t ld,
+                             float eps, float* inv, cudaStream_t stream);
 
 // One class block of the forward: logits [B, K] (fp32, row stride ld) -> z =
 // scale * logits * inv[col] with column labels_local[i] - col0 replaced by

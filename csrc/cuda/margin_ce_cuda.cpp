@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "../blocks.h"
 #include "../margin_ce.h"
 #include "epilogue.cuh"
 
@@ -28,15 +29,6 @@ void check(cudaError_t err, const char* what) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-Tensor block_rows(const Tensor& weight, const c10::optional<Tensor>& class_index, int64_t start, int64_t n) {
-  return class_index.has_value() ? weight.index_select(0, class_index->narrow(0, start, n))
-                                 : weight.narrow(0, start, n);
-}
-
-Tensor view2d(const Tensor& buffer, int64_t rows, int64_t cols) {
-  return buffer.view({-1}).narrow(0, 0, rows * cols).view({rows, cols});
-}
-
 // logits (fp32) = x_op @ w_blk^T with fp32 accumulation whatever the operands.
 void logits_into(Tensor& out, const Tensor& x_op, const Tensor& w_blk) {
   if (w_blk.scalar_type() == at::kFloat) {
@@ -52,9 +44,9 @@ Tensor row_inv_norms(const Tensor& weight, double eps) {
   const c10::cuda::CUDAGuard guard(weight.device());
   const Tensor w = weight.contiguous();
   Tensor inv = at::empty({w.size(0)}, w.options().dtype(at::kFloat));
-  check(mk_normalize_rows(w.data_ptr(), mk_type(w.scalar_type()), w.size(0), w.size(1), w.stride(0),
-                          static_cast<float>(eps), nullptr, inv.data_ptr<float>(), stream()),
-        "normalize_rows");
+  check(mk_row_inv_norms(w.data_ptr(), mk_type(w.scalar_type()), w.size(0), w.size(1), w.stride(0),
+                         static_cast<float>(eps), inv.data_ptr<float>(), stream()),
+        "row_inv_norms");
   return inv;
 }
 
@@ -63,7 +55,7 @@ Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_in
                    const c10::optional<Tensor>& class_index) {
   const c10::cuda::CUDAGuard guard(x_hat.device());
   const int64_t B = x_hat.size(0);
-  const int64_t C = class_index.has_value() ? class_index->size(0) : weight.size(0);
+  const int64_t C = shard_classes(weight, class_index);
   const int64_t K = std::min(std::max<int64_t>(block_classes, 1), std::max<int64_t>(C, 1));
   Tensor row_max = at::full({B}, -std::numeric_limits<float>::infinity(), x_hat.options());
   Tensor row_sum = at::zeros({B}, x_hat.options());
@@ -72,8 +64,8 @@ Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_in
   Tensor buffer = at::empty({B, K}, x_hat.options());
   for (int64_t c0 = 0; c0 < C; c0 += K) {
     const int64_t k = std::min(K, C - c0);
-    Tensor z = view2d(buffer, B, k);
-    logits_into(z, x_op, block_rows(weight, class_index, c0, k));
+    Tensor z = scratch_view(buffer, B, k);
+    logits_into(z, x_op, class_block(weight, class_index, c0, k));
     check(mk_forward_epilogue(z.data_ptr<float>(), B, k, k, w_inv.data_ptr<float>() + c0, static_cast<float>(scale),
                               labels_local.data_ptr<int64_t>(), c0, target_logit.data_ptr<float>(),
                               row_max.data_ptr<float>(), row_sum.data_ptr<float>(), stream()),
@@ -86,25 +78,25 @@ std::tuple<Tensor, Tensor> lse_backward(const Tensor& x_hat, const Tensor& weigh
                                         const Tensor& labels_local, const Tensor& target_logit,
                                         const Tensor& target_slope, const Tensor& lse, const Tensor& grad_rows,
                                         double scale, int64_t block_classes,
-                                        const c10::optional<Tensor>& class_index, bool compute_dw) {
+                                        const c10::optional<Tensor>& class_index, bool weight_grad) {
   const c10::cuda::CUDAGuard guard(x_hat.device());
   const int64_t B = x_hat.size(0), D = weight.size(1);
-  const int64_t C = class_index.has_value() ? class_index->size(0) : weight.size(0);
+  const int64_t C = shard_classes(weight, class_index);
   const int64_t K = std::min(std::max<int64_t>(block_classes, 1), std::max<int64_t>(C, 1));
   const at::ScalarType wt = weight.scalar_type();
   Tensor dx_hat = at::zeros({B, D}, x_hat.options());
-  Tensor dw = at::empty({compute_dw ? C : 0, D}, weight.options());
+  Tensor dw = at::empty({weight_grad ? C : 0, D}, weight.options());
   if (B == 0 || C == 0) return {dx_hat, dw.zero_()};
   const Tensor x_op = x_hat.to(wt).contiguous();
   Tensor logits_buf = at::empty({B, K}, x_hat.options());
   // dz in the dtype the next two GEMMs take: in place over the logits for fp32.
   Tensor dz_buf = wt == at::kFloat ? logits_buf : at::empty({B, K}, weight.options());
-  Tensor g_buf = compute_dw ? at::empty({K, D}, x_hat.options()) : Tensor();  // d/d(w_hat) of a block, fp32
+  Tensor g_buf = weight_grad ? at::empty({K, D}, x_hat.options()) : Tensor();  // d/d(w_hat) of a block, fp32
   for (int64_t c0 = 0; c0 < C; c0 += K) {
     const int64_t k = std::min(K, C - c0);
-    const Tensor w_blk = block_rows(weight, class_index, c0, k);
-    Tensor logits = view2d(logits_buf, B, k);
-    Tensor dz = view2d(dz_buf, B, k);
+    const Tensor w_blk = class_block(weight, class_index, c0, k);
+    Tensor logits = scratch_view(logits_buf, B, k);
+    Tensor dz = scratch_view(dz_buf, B, k);
     logits_into(logits, x_op, w_blk);
     check(mk_backward_epilogue(logits.data_ptr<float>(), B, k, k, w_inv.data_ptr<float>() + c0,
                                static_cast<float>(scale), labels_local.data_ptr<int64_t>(), c0,
@@ -116,8 +108,8 @@ std::tuple<Tensor, Tensor> lse_backward(const Tensor& x_hat, const Tensor& weigh
     } else {
       dx_hat.add_(at::mm(dz, w_blk, at::kFloat));
     }
-    if (!compute_dw) continue;  // a frozen weight: no dW GEMM, no dW memory
-    Tensor g = view2d(g_buf, k, D);
+    if (!weight_grad) continue;  // a frozen weight: no dW GEMM, no dW memory
+    Tensor g = scratch_view(g_buf, k, D);
     if (wt == at::kFloat) {
       at::mm_out(g, dz.t(), x_op);
     } else {

@@ -1,26 +1,28 @@
-"""Fused backends. Each module meets the kernel contract of DESIGN.md §2 on one
-class shard:
+"""Fused backends, each a module that implements the kernel interface of
+docs/DESIGN.md §4 on one class shard (the same names and order in Python, in
+csrc/bindings.cpp and, upper-cased, in the Triton kernels):
 
-    row_inv_norms(weight, class_index=None) -> w_inv [C] float32
-    lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_bytes,
+    row_inv_norms(weight, *, class_index=None) -> w_inv [C] float32
+    lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options,
                 class_index=None) -> lse [B]
-    lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, s,
-                 lse, grad_rows, workspace_bytes, class_index=None, weight_grad=True)
+    lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse,
+                 grad_rows, *, scale, options, class_index=None, weight_grad=True)
         -> (dx_hat [B, D] float32, dW [C, D] in weight's dtype, or None without weight_grad)
 
-``labels_local`` is -1 for rows whose class is not in the shard (or ignored);
-``target_logit`` is s * t for the rows' target columns and ``target_slope`` is
-dt/dc there (see margin_kernels.margins.target_logit). A backend may also offer
+and the single-shard shortcut, where ``supports_fused`` says it has one:
 
-    fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit,
-                           target_slope, grad_rows, s, workspace_bytes) -> (lse, dx_hat, dW)
+    supports_fused(weight) -> bool
+    prefers_fused(weight, batch, options) -> bool
+    fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope,
+                           grad_rows, *, scale, options) -> (lse, dx_hat, dW)
 
-the single-shard shortcut that sweeps row chunks over all classes.
+``options`` is a resolved :class:`KernelOptions`.
 """
 from __future__ import annotations
 
 import importlib
 import os
+from dataclasses import dataclass, replace
 from types import ModuleType
 
 import torch
@@ -28,6 +30,71 @@ import torch
 BACKENDS = ("reference", "cpp", "triton")
 
 WORKSPACE_ENV = "MARGIN_KERNELS_WORKSPACE_MB"
+TRITON_BACKWARD_ENV = "MARGIN_KERNELS_TRITON_BACKWARD"
+TF32_ENV = "MARGIN_KERNELS_TF32"
+SINGLE_PASS_ENV = "MARGIN_KERNELS_SINGLE_PASS"
+TRITON_BACKWARDS = ("atomic", "split")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """How the fused kernels run; ``None`` takes the default, read at call time
+    from the environment variable named beside it.
+
+    Args:
+        workspace_bytes: scratch a sweep may hold (logits blocks, per-block
+            copies, the fp32 dW chunk of half-precision weights);
+            ``$MARGIN_KERNELS_WORKSPACE_MB`` MiB, else 64 MiB.
+        triton_backward: the Triton backward, ``"atomic"`` (one kernel, fp32
+            atomics into dx and dW) or ``"split"`` (a dW kernel without atomics
+            and a dx kernel); ``$MARGIN_KERNELS_TRITON_BACKWARD``, else "atomic".
+        tf32: float32 inputs on TF32 tensor cores in the Triton kernels (about
+            3e-4 relative error instead of the 1e-5 contract);
+            ``$MARGIN_KERNELS_TF32`` = 1, else False.
+        single_pass: the single-shard shortcut (loss and both gradients in one
+            row-chunked sweep, for a reduced loss whose weight needs its
+            gradient): True takes it wherever the backend has it, False never,
+            None where the backend finds it faster; ``$MARGIN_KERNELS_SINGLE_PASS``
+            = 1 / 0, else None.
+    """
+
+    workspace_bytes: int | None = None
+    triton_backward: str | None = None
+    tf32: bool | None = None
+    single_pass: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.workspace_bytes is not None and (isinstance(self.workspace_bytes, bool)
+                                                 or not isinstance(self.workspace_bytes, int)):
+            raise TypeError(f"workspace_bytes must be a positive int (bytes) or None, got {self.workspace_bytes!r}")
+        if self.workspace_bytes is not None and self.workspace_bytes < 1:
+            raise ValueError(f"workspace_bytes must be >= 1, got {self.workspace_bytes}")
+        if self.triton_backward is not None and self.triton_backward not in TRITON_BACKWARDS:
+            raise ValueError(f"triton_backward must be one of {TRITON_BACKWARDS}, got {self.triton_backward!r}")
+        for name in ("tf32", "single_pass"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool or None, got {getattr(self, name)!r}")
+
+    def resolved(self) -> "KernelOptions":
+        """These options with every default filled in from the environment, now."""
+        backward = self.triton_backward
+        if backward is None:
+            backward = os.environ.get(TRITON_BACKWARD_ENV, "atomic")
+            if backward not in TRITON_BACKWARDS:
+                raise ValueError(f"{TRITON_BACKWARD_ENV} must be one of {TRITON_BACKWARDS}, got {backward!r}")
+        tf32 = _env_flag(TF32_ENV, False) if self.tf32 is None else self.tf32
+        single_pass = _env_flag(SINGLE_PASS_ENV, None) if self.single_pass is None else self.single_pass
+        workspace = default_workspace_bytes() if self.workspace_bytes is None else self.workspace_bytes
+        return replace(self, workspace_bytes=workspace, triton_backward=backward, tf32=tf32, single_pass=single_pass)
+
+
+def _env_flag(name: str, default: bool | None) -> bool | None:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    if text not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {text!r}")
+    return text == "1"
 
 
 def default_workspace_bytes() -> int:

@@ -58,27 +58,25 @@ def block_rows(num_classes: int, workspace_bytes: int) -> int:
     return max(1, workspace_bytes // (FLOAT_BYTES * max(num_classes, 1)))
 
 
-def row_inv_norms(weight: Tensor, class_index: Tensor | None = None) -> Tensor:
+def row_inv_norms(weight: Tensor, *, class_index: Tensor | None = None) -> Tensor:
     _check_device(weight)
     inv = _C.row_inv_norms(weight.contiguous(), NORM_EPS)
     return inv if class_index is None else inv.index_select(0, class_index)
 
 
-def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_bytes, class_index=None):
+def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options, class_index=None):
     _check_device(x_hat)
     # A gathered block is copied to float32 whatever the weight dtype: budget for it.
-    k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), workspace_bytes)
-    return _C.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, float(s), k, class_index)
+    k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), options.workspace_bytes)
+    return _C.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, float(scale), k, class_index)
 
 
-def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, s, lse, grad_rows, workspace_bytes,
+def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse, grad_rows, *, scale, options,
                  class_index=None, weight_grad=True):
     _check_device(x_hat)
-    k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), workspace_bytes)
-    dx, dw = _C.lse_backward(
-        x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse, grad_rows.float().contiguous(), float(s), k,
-        class_index, weight_grad,
-    )
+    k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), options.workspace_bytes)
+    dx, dw = _C.lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse,
+                             grad_rows.float().contiguous(), float(scale), k, class_index, weight_grad)
     return dx, dw if weight_grad else None
 
 
@@ -89,15 +87,18 @@ def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope,
 MIN_FUSED_ROWS = 128
 
 
-def prefers_fused(weight: Tensor, batch: int, workspace_bytes: int) -> bool:
+def supports_fused(weight: Tensor) -> bool:
+    """The row-chunked shortcut runs on float32 CPU weights."""
+    return weight.dtype == torch.float32 and weight.device.type == "cpu"
+
+
+def prefers_fused(weight: Tensor, batch: int, options) -> bool:
     """Whether the row-chunked shortcut beats the class-blocked path here."""
-    if weight.dtype != torch.float32 or weight.device.type != "cpu":
-        return False
-    return block_rows(weight.shape[0], workspace_bytes) >= min(batch, MIN_FUSED_ROWS)
+    return supports_fused(weight) and block_rows(weight.shape[0], options.workspace_bytes) >= min(batch, MIN_FUSED_ROWS)
 
 
-def fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, grad_rows, s, workspace_bytes):
-    r = block_rows(weight.shape[0], workspace_bytes)
-    return _C.fused_forward_backward(
-        x_hat, weight, w_inv, labels_local, target_logit, target_slope, grad_rows.float().contiguous(), float(s), r
-    )
+def fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, grad_rows, *, scale,
+                           options):
+    r = block_rows(weight.shape[0], options.workspace_bytes)
+    return _C.fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope,
+                                     grad_rows.float().contiguous(), float(scale), r)

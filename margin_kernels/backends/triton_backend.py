@@ -1,5 +1,5 @@
-"""The Triton backend: the kernel contract of DESIGN.md §2 on CUDA tensors (and on
-CPU tensors under ``TRITON_INTERPRET=1``, which is how CI tests it).
+"""The Triton backend: the kernel interface of docs/DESIGN.md §4 on CUDA tensors
+(and on CPU tensors under ``TRITON_INTERPRET=1``, which is how CI tests it).
 
 Each function takes an optional ``class_index`` (int64 [K]): the kernels then read
 the rows W[class_index] in place and every per-class output (w_inv, dW) has K
@@ -9,7 +9,6 @@ negatives use it.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 from torch import Tensor
@@ -24,17 +23,9 @@ except ImportError as exc:  # triton missing or broken
 
 from ..margins import NORM_EPS
 
-# float32 inputs: full-precision fp32 dots by default (the 1e-5 contract); set
-# MARGIN_KERNELS_TF32=1 to trade ~3e-4 relative error for tensor-core speed.
-ALLOW_TF32 = os.environ.get("MARGIN_KERNELS_TF32", "0") == "1"
 # Class splits per row tile in the forward (and the split backward's dx), so that
 # few row tiles still fill the GPU.
 FORWARD_PROGRAMS = 1024
-# How the backward accumulates: "atomic" (one kernel, fp32 atomics into dx and dW)
-# or "split" (a dW kernel without atomics and a dx kernel, each recomputing the
-# logits). Which wins is a matter of atomic throughput against 2 B D C more FLOPs.
-BACKWARDS = ("atomic", "split")
-BACKWARD = os.environ.get("MARGIN_KERNELS_TRITON_BACKWARD", "atomic")
 
 
 def unavailable_reason() -> str | None:
@@ -62,17 +53,18 @@ def _upcast(weight: Tensor) -> bool:
     return K.INTERPRET and weight.dtype == torch.bfloat16
 
 
-def _flags(weight: Tensor, class_index: Tensor | None) -> dict:
+def _flags(weight: Tensor, class_index: Tensor | None, options) -> dict:
+    # float32 inputs: full-precision fp32 dots (the 1e-5 contract) unless options.tf32
     return dict(
         HAS_INDEX=class_index is not None,
         UPCAST=_upcast(weight),
-        IEEE=weight.dtype == torch.float32 and not ALLOW_TF32,
+        IEEE=weight.dtype == torch.float32 and not options.tf32,
     )
 
 
-def _grad_flags(weight: Tensor, class_index: Tensor | None) -> dict:
+def _grad_flags(weight: Tensor, class_index: Tensor | None, options) -> dict:
     # fp16 gradient operands are scaled per row / column to stay below fp16's max
-    return dict(_flags(weight, class_index), SCALE=weight.dtype == torch.float16)
+    return dict(_flags(weight, class_index, options), SCALE=weight.dtype == torch.float16)
 
 
 def _sizes(b: int, c: int, d: int, stride_x: int, stride_w: int, s: float) -> tuple:
@@ -135,7 +127,7 @@ def dx_grid(b: int, c: int, d: int, meta: dict) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------- the contract
 
-def row_inv_norms(weight: Tensor, class_index: Tensor | None = None) -> Tensor:
+def row_inv_norms(weight: Tensor, *, class_index: Tensor | None = None) -> Tensor:
     _check(weight)
     c, d = _num_classes(weight, class_index), weight.shape[1]
     out = torch.empty(c, dtype=torch.float32, device=weight.device)
@@ -149,23 +141,34 @@ def row_inv_norms(weight: Tensor, class_index: Tensor | None = None) -> Tensor:
     return out
 
 
-def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, s, workspace_bytes, class_index=None):
+def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options, class_index=None):
     """Per-row logsumexp over the (indexed) classes; scratch is B x splits floats."""
     _check(x_hat, weight)
     b, d = x_hat.shape
     c = _num_classes(weight, class_index)
     if b == 0:
         return torch.empty(0, dtype=torch.float32, device=x_hat.device)
-    splits = forward_splits(b, c, workspace_bytes)
+    splits = forward_splits(b, c, options.workspace_bytes)
     part_max = torch.empty(splits, b, dtype=torch.float32, device=x_hat.device)
     part_sum = torch.empty_like(part_max)
     with device_guard(x_hat.device):
         K.lse_forward_kernel[lambda meta: forward_grid(b, splits, meta)](
             _operand(x_hat, weight), weight, w_inv, labels_local, target_logit, _index_arg(weight, class_index),
-            part_max, part_sum, *_sizes(b, c, d, x_hat.shape[1], weight.stride(0), s), **_flags(weight, class_index),
+            part_max, part_sum, *_sizes(b, c, d, x_hat.shape[1], weight.stride(0), scale),
+            **_flags(weight, class_index, options),
         )
     # Splits that got no class tile hold (-inf, 0): log(0) = -inf drops out.
     return torch.logsumexp(part_max + part_sum.log(), dim=0)
+
+
+def supports_fused(weight: Tensor) -> bool:
+    """No single-pass shortcut here: its recompute-free sweep re-reads dW once per
+    row chunk, which on a GPU loses to the class-tiled kernels."""
+    return False
+
+
+def prefers_fused(weight: Tensor, batch: int, options) -> bool:
+    return False
 
 
 def chunk_classes(c: int, d: int, weight_dtype: torch.dtype, workspace_bytes: int) -> int:
@@ -178,13 +181,15 @@ def chunk_classes(c: int, d: int, weight_dtype: torch.dtype, workspace_bytes: in
     return max(256, workspace_bytes // (4 * max(d, 1)))
 
 
-def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, s, lse, grad_rows,
-                 workspace_bytes, class_index=None, weight_grad=True):
+def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse, grad_rows, *, scale, options,
+                 class_index=None, weight_grad=True):
     """(dx_hat fp32 [B, D], dW [C or K, D] in weight's dtype, or None without
-    ``weight_grad``), by the strategy in ``BACKWARD`` (env MARGIN_KERNELS_TRITON_BACKWARD)."""
-    if BACKWARD not in BACKWARDS:
-        raise ValueError(f"MARGIN_KERNELS_TRITON_BACKWARD must be one of {BACKWARDS}, got {BACKWARD!r}")
+    ``weight_grad``), by ``options.triton_backward``: "atomic" (one kernel,
+    fp32 atomics into dx and dW) or "split" (a dW kernel without atomics and a
+    dx kernel, each recomputing the logits). Which wins is a matter of atomic
+    throughput against 2 B D C more FLOPs."""
     _check(x_hat, weight)
+    strategy = options.triton_backward
     b, d = x_hat.shape
     c = _num_classes(weight, class_index)
     dx = torch.zeros(b, d, dtype=torch.float32, device=x_hat.device)
@@ -192,20 +197,20 @@ def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope,
     if c == 0 or b == 0:
         return dx, dw.zero_() if weight_grad else None
     x_op, g = _operand(x_hat, weight), grad_rows.float().contiguous()
-    flags = _grad_flags(weight, class_index)
-    step = chunk_classes(c, d, weight.dtype, workspace_bytes)
+    flags = _grad_flags(weight, class_index, options)
+    step = chunk_classes(c, d, weight.dtype, options.workspace_bytes)
     scratch = None if weight.dtype == torch.float32 or not weight_grad else torch.empty(
         min(step, c), d, dtype=torch.float32, device=weight.device)
     with device_guard(x_hat.device):
         if not weight_grad:  # a frozen weight: dx only, no dW products, no dW memory
-            if BACKWARD == "atomic":
-                sizes = _sizes(b, c, d, x_hat.shape[1], weight.stride(0), s)
+            if strategy == "atomic":
+                sizes = _sizes(b, c, d, x_hat.shape[1], weight.stride(0), scale)
                 K.lse_backward_kernel[lambda meta: atomic_grid(b, c, meta)](
                     x_op, weight, w_inv, labels_local, target_logit, target_slope, lse, g,
                     _index_arg(weight, class_index), dx, dx.new_empty(1), *sizes, **flags, WITH_DW=False)
                 return dx, None
-        if BACKWARD == "split":
-            sizes = _sizes(b, c, d, x_hat.shape[1], weight.stride(0), s)
+        if strategy == "split":
+            sizes = _sizes(b, c, d, x_hat.shape[1], weight.stride(0), scale)
             K.lse_backward_dx_kernel[lambda meta: dx_grid(b, c, d, meta)](
                 x_op, weight, w_inv, labels_local, target_logit, target_slope, lse, g,
                 _index_arg(weight, class_index), dx, *sizes, **flags,
@@ -223,8 +228,8 @@ def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope,
             acc = dw[c0:c1] if scratch is None else scratch[: c1 - c0]
             args = (x_op, w_part, inv_part, labels_part, target_logit, target_slope, lse, g,
                     _index_arg(w_part, index_part))
-            sizes = _sizes(b, c1 - c0, d, x_hat.shape[1], weight.stride(0), s)
-            if BACKWARD == "atomic":
+            sizes = _sizes(b, c1 - c0, d, x_hat.shape[1], weight.stride(0), scale)
+            if strategy == "atomic":
                 acc.zero_()
                 K.lse_backward_kernel[lambda meta: atomic_grid(b, c1 - c0, meta)](*args, dx, acc, *sizes, **flags,
                                                                                    WITH_DW=True)

@@ -24,7 +24,8 @@ import sys
 from dataclasses import asdict
 
 from .memory import mem_available
-from .report import Progress, format_overheads, format_scale, format_table, mib, plot, useful_tflops
+from .report import (Progress, format_conclusion, format_legend, format_overheads, format_scale, format_table, mib,
+                     plot, useful_tflops)
 from .steps import BASELINES, CPP_GEMMS, FLOOR, FLOORS, PEERS, TRITON_SPLIT
 from .worker import Case, Result, run_case, spawn
 
@@ -186,13 +187,13 @@ def main(argv=None) -> int:
         impls_run = [r.case.impl for r in results]
         naive = "reference" if "reference" in impls_run else impls_run[0]
         print(format_table(results, naive=naive))
-        print(f"speedup = {naive} time / time; TFLOP/s counts 6 B D C useful FLOPs; workspace = peak memory beyond "
-              f"inputs and gradient outputs; {FLOOR} = the three bare GEMMs any exact loss needs (time floor); "
-              f"{CPP_GEMMS} = the GEMMs cpp runs here, at its block sizes, without its epilogues; "
-              f"{TRITON_SPLIT} = triton with MARGIN_KERNELS_TRITON_BACKWARD=split.")
+        print(format_legend(results, naive))
         overheads = format_overheads(results)
         if overheads:
             print(overheads)
+        conclusion = format_conclusion(results, naive)
+        if conclusion:
+            print(conclusion)
         payload = [dict(asdict(r), time_ms=r.time_ms, tflops=useful_tflops(r) if r.time_ms else None)
                    for r in results]
         if args.plot:

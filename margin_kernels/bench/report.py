@@ -36,10 +36,20 @@ def useful_tflops(r: Result) -> float:
     return 6 * c.batch * c.dim * c.classes / (r.time_ms * 1e-3) / 1e12
 
 
+WIDE_SPREAD = 0.25  # (max - min) / median above which a row's timing is flagged
+
+
+def spread(r: Result) -> float:
+    """(max - min) / median of the timed repeats."""
+    return (max(r.times_ms) - min(r.times_ms)) / r.time_ms if r.times_ms else 0.0
+
+
 def format_table(results: list[Result], naive: str = "reference") -> str:
-    """One row per (C, implementation); ratios against the naive baseline of the same C."""
-    head = (f"{'classes':>10} {'implementation':<16} {'fwd+bwd ms':>11} {'TFLOP/s':>8} {'speedup':>8} "
-            f"{'workspace MiB':>14} {'/ naive':>8}")
+    """One row per (C, implementation): the median time with the min-max of the
+    repeats, and ratios against the naive baseline of the same C. Rows whose
+    repeats spread by more than 25% are marked '!'."""
+    head = (f"{'classes':>10} {'implementation':<16} {'fwd+bwd ms':>11} {'(min-max)':>17} {'TFLOP/s':>8} "
+            f"{'speedup':>8} {'workspace MiB':>14} {'/ naive':>8}")
     lines = [head, "-" * len(head)]
     by_c: dict[int, list[Result]] = {}
     for r in results:
@@ -48,8 +58,8 @@ def format_table(results: list[Result], naive: str = "reference") -> str:
         base = next((r for r in rows if r.case.impl == naive and r.status == "ok"), None)
         for r in rows:
             if r.status != "ok":
-                lines.append(f"{c:>10,} {r.case.impl:<16} {r.status.upper():>11} {'':>8} {'':>8} {'':>14} {'':>8}  "
-                             f"{r.message[:60]}")
+                lines.append(f"{c:>10,} {r.case.impl:<16} {r.status.upper():>11} {'':>17} {'':>8} {'':>8} {'':>14} "
+                             f"{'':>8}  {r.message[:60]}")
                 continue
             speed = f"{base.time_ms / r.time_ms:.2f}x" if base else "n/a"
             if r.workspace_bytes is None:
@@ -57,8 +67,55 @@ def format_table(results: list[Result], naive: str = "reference") -> str:
             else:
                 mem = mib(r.workspace_bytes)
                 ratio = f"{r.workspace_bytes / base.workspace_bytes:.3f}" if base and base.workspace_bytes else "n/a"
-            lines.append(f"{c:>10,} {r.case.impl:<16} {r.time_ms:>11,.1f} {useful_tflops(r):>8.3f} {speed:>8} "
-                         f"{mem:>14} {ratio:>8}")
+            span = f"({min(r.times_ms):,.1f}-{max(r.times_ms):,.1f})"
+            flag = " !" if spread(r) > WIDE_SPREAD else ""
+            lines.append(f"{c:>10,} {r.case.impl:<16} {r.time_ms:>11,.1f} {span:>17} {useful_tflops(r):>8.3f} "
+                         f"{speed:>8} {mem:>14} {ratio:>8}{flag}")
+    wide = [r for r in results if r.status == "ok" and spread(r) > WIDE_SPREAD]
+    if wide:
+        lines.append(f"! {len(wide)} row(s) spread by more than {WIDE_SPREAD:.0%} of their median: the machine was "
+                     "busy or the repeats too few (--repeat); compare those rows with care.")
+    return "\n".join(lines)
+
+
+LEGEND = {
+    "gemm-floor": "gemm-floor = the three bare B x D x C GEMMs an exact loss needs, in the input dtype at full size "
+                  "(a floor for the loss at its own sizes, not a bound on ours: cpp runs its GEMMs on class blocks "
+                  "in float32, whose blocking can beat one large GEMM on a CPU)",
+    "cpp-gemms": "cpp-gemms = the GEMMs cpp runs here, at its block sizes, without its epilogues",
+    "triton-split": "triton-split = triton with the split backward (a dW kernel without atomics and a dx kernel)",
+    "insightface": "insightface = arcface_torch's recipe (logits, in-place margin, cross-entropy)",
+    "cce": "cce = apple's cut-cross-entropy (its default gradient filtering)",
+    "liger": "liger = Liger-Kernel's fused linear cross-entropy",
+}
+
+
+def format_legend(results: list[Result], naive: str) -> str:
+    """What the columns and the implementations that ran mean."""
+    ran = dict.fromkeys(r.case.impl for r in results)
+    parts = [f"speedup = {naive} time / time", "TFLOP/s counts 6 B D C useful FLOPs",
+             "workspace = peak memory beyond inputs and gradient outputs"]
+    parts += [text for impl, text in LEGEND.items() if impl in ran]
+    return "; ".join(parts) + "."
+
+
+def format_conclusion(results: list[Result], naive: str) -> str:
+    """One line per fused backend that ran: its time and workspace against the
+    naive baseline at the largest C where both ran."""
+    ok = {(r.case.impl, r.case.classes): r for r in results if r.status == "ok"}
+    lines = []
+    for impl in dict.fromkeys(r.case.impl for r in results):
+        if impl not in ("cpp", "triton", "triton-split"):
+            continue
+        shared = [c for (i, c) in ok if i == impl and (naive, c) in ok]
+        if not shared:
+            continue
+        c = max(shared)
+        mine, base = ok[impl, c], ok[naive, c]
+        mem = ""
+        if mine.workspace_bytes is not None and base.workspace_bytes:
+            mem = f", with {mine.workspace_bytes / base.workspace_bytes:.0%} of its workspace,"
+        lines.append(f"{impl}: {base.time_ms / mine.time_ms:.1f}x faster than {naive}{mem} at {c:,} classes.")
     return "\n".join(lines)
 
 
@@ -82,7 +139,7 @@ def plot(results: list[Result], path: str, title: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise SystemExit("--plot needs matplotlib: pip install -e '.[demo]' (or pip install matplotlib)") from exc
+        raise SystemExit("--plot needs matplotlib: bash scripts/install.sh demo (or pip install matplotlib)") from exc
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     impls = list(dict.fromkeys(r.case.impl for r in results))
     for impl in impls:

@@ -53,12 +53,10 @@ def make_step(impl: str, margin_name: str, x, w, y):
             mk.margin_cross_entropy(x, w, y, margin, backend=impl).backward()
 
     elif impl == TRITON_SPLIT:  # the Triton backend with the split backward (no dW atomics)
-        from margin_kernels.backends import triton_backend
-
-        triton_backend.BACKWARD = "split"
+        split = mk.backends.KernelOptions(triton_backward="split")
 
         def step():
-            mk.margin_cross_entropy(x, w, y, margin, backend="triton").backward()
+            mk.margin_cross_entropy(x, w, y, margin, backend="triton", options=split).backward()
 
     elif impl == "insightface":
 
@@ -116,7 +114,8 @@ def _cpp_gemms_step(x, w):
     from margin_kernels import backends
 
     cpp = backends.load("cpp")
-    workspace = backends.default_workspace_bytes()
+    options = backends.KernelOptions().resolved()
+    workspace = options.workspace_bytes
     batch, dim, classes = x.shape[0], x.shape[1], w.shape[0]
     on_cuda = x.device.type == "cuda"
     # CUDA: operands in the input dtype, fp32 out (cuBLAS); CPU: fp32 blocks.
@@ -126,7 +125,7 @@ def _cpp_gemms_step(x, w):
     def mm(a, b):
         return torch.mm(a, b) if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
 
-    if cpp.prefers_fused(w, batch, workspace):
+    if cpp.prefers_fused(w, batch, options):
         rows = min(cpp.block_rows(classes, workspace), batch)
         e = torch.randn(rows, classes, device=x.device)
 
