@@ -93,13 +93,19 @@ def _resources(ptx: str, arch: int) -> dict:
 
 
 def _jobs(subset: bool):
-    """(kind, kernel, constexprs of the config, num_warps, num_stages)."""
-    for kind, kernel in TILED.items():
+    """(kind, config number, constexprs of the config, num_warps, num_stages)."""
+    for kind in TILED:
         configs = K._configs(kind, interpret=False)
-        for cfg in configs[:1] if subset else configs:
-            yield kind, kernel, cfg.kwargs, cfg.num_warps, cfg.num_stages
-    for kind, (kernel, meta) in SMALL.items():
-        yield kind, kernel, meta, 4, 1
+        for i, cfg in enumerate(configs[:1] if subset else configs):
+            yield kind, i, cfg.kwargs, cfg.num_warps, cfg.num_stages
+    for kind, (_, meta) in SMALL.items():
+        yield kind, 0, meta, 4, 1
+
+
+def _compile_job(job: tuple) -> dict:
+    kind, _, meta, warps, stages, arch, dtype, has_index = job
+    kernel = TILED[kind] if kind in TILED else SMALL[kind][0]
+    return compile_one(kind, kernel, meta, warps, stages, arch, dtype, has_index)
 
 
 def compile_one(kind, kernel, meta, warps, stages, arch: int, dtype: str, has_index: bool) -> dict:
@@ -131,16 +137,18 @@ def compile_one(kind, kernel, meta, warps, stages, arch: int, dtype: str, has_in
     return row
 
 
-def compile_all(archs: list[int], subset: bool = False, dtypes=("bf16", "fp32")) -> list[dict]:
+def compile_all(archs: list[int], subset: bool = False, dtypes=("bf16", "fp32"), jobs: int = 1) -> list[dict]:
     """The subset compiles both index variants of each kernel (their offset math
-    differs); the full matrix every config with the index (the costlier one)."""
-    rows = []
-    for job in _jobs(subset):
-        for arch in archs:
-            for dtype in dtypes:
-                for has_index in (False, True) if subset else (True,):
-                    rows.append(compile_one(*job, arch, dtype, has_index))
-    return rows
+    differs); the full matrix every config with the index (the costlier one).
+    ``jobs`` > 1 compiles in that many processes (rows keep their order)."""
+    work = [(*job, arch, dtype, has_index) for job in _jobs(subset) for arch in archs for dtype in dtypes
+            for has_index in ((False, True) if subset else (True,))]
+    if jobs <= 1:
+        return [_compile_job(w) for w in work]
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        return pool.map(_compile_job, work, chunksize=1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,10 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("archs", nargs="*", type=int, default=[90, 80], help="compute capabilities, e.g. 90 80")
     parser.add_argument("--subset", action="store_true", help="the first autotune config of each kernel only")
     parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: one a core)")
     args = parser.parse_args(argv)
     if K.INTERPRET:
         sys.exit("run with TRITON_INTERPRET=0: the interpreter replaces the kernels")
-    for row in compile_all(args.archs, args.subset, tuple(args.dtypes)):
+    for row in compile_all(args.archs, args.subset, tuple(args.dtypes), args.jobs):
         print(json.dumps(row), flush=True)
 
 

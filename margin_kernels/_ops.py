@@ -1,8 +1,8 @@
 """The fused loss as torch.library custom ops, so that torch.compile traces it
 without graph breaks and the meta device can plan its memory.
 
-``margin_kernels::margin_ce_rows`` is the single-shard loss per row on top of
-the kernel contract; its backward is ``margin_kernels::margin_ce_rows_backward``.
+``margin_kernels::margin_ce_rows`` is the single-shard loss per row (the one-shard
+case of ``_shard_loss``); its backward is ``margin_kernels::margin_ce_rows_backward``.
 """
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._checks import check_values, check_weight_norms
-from ._targets import Targets, add_target_gradients
+from ._checks import check_values
+from ._shard_loss import shard_backward, shard_forward
+from ._targets import Targets
 
 
 def _labels_local(labels: Tensor, ignore_index: int) -> Tensor:
@@ -47,9 +48,8 @@ def margin_ce_rows(
     kernels = backends.load(backend)
     options = backends.KernelOptions(workspace_bytes, triton_backward, tf32)
     labels_local = _labels_local(labels, ignore_index)
-    w_inv = kernels.row_inv_norms(weight)
-    check_weight_norms(w_inv, weight)
-    lse = kernels.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, scale=s, options=options)
+    targets = Targets(target_logit, target_grad_x, target_grad_w)
+    lse, w_inv = shard_forward(kernels, x_hat, weight, labels_local, targets, scale=s, options=options)
     loss = torch.where(labels_local >= 0, lse - target_logit, torch.zeros_like(lse))
     return loss, lse, w_inv
 
@@ -86,13 +86,9 @@ def margin_ce_rows_backward(
     options = backends.KernelOptions(workspace_bytes, triton_backward, tf32)
     labels_local = _labels_local(labels, ignore_index)
     g = torch.where(labels_local >= 0, grad_rows.float(), torch.zeros_like(lse))
-    # The kernels see a zero slope: the target columns' gradient is added exactly below.
-    dx, dw = kernels.lse_backward(
-        x_hat, weight, w_inv, labels_local, target_logit, torch.zeros_like(target_logit), lse, g, scale=s,
-        options=options, weight_grad=weight_grad,
-    )
-    targets = Targets(target_logit, target_logit, target_grad_x, target_grad_w)
-    add_target_gradients(dx, dw, targets, labels_local, lse, g, w_inv)
+    targets = Targets(target_logit, target_grad_x, target_grad_w)
+    dx, dw = shard_backward(kernels, x_hat, weight, w_inv, labels_local, targets, lse, g, scale=s, options=options,
+                            weight_grad=weight_grad)
     return dx, dw if dw is not None else weight.new_empty(0, weight.shape[1])
 
 
@@ -119,48 +115,3 @@ def _backward(ctx, grad_loss, grad_lse, grad_w_inv):
 
 
 margin_ce_rows.register_autograd(_backward, setup_context=_setup_context)
-
-
-class FusedReducedLoss(torch.autograd.Function):
-    """The single-shard shortcut: forward computes the reduced loss and both
-    gradients in one row-chunked sweep (three GEMMs); backward only scales them
-    by the upstream gradient, in place, so no second C x D tensor appears.
-
-    Eager only (functional.py never uses it under torch.compile). Its backward
-    is not differentiable (the gradients are constants of the forward): a
-    double backward (create_graph=True) raises instead of returning a wrong
-    second derivative (``once_differentiable`` would not: the upstream gradient
-    of a loss needs no grad, so it treats the result as a constant).
-    """
-
-    @staticmethod
-    def forward(ctx, x_hat, weight, labels_local, targets: Targets, row_scale, s, kernels, options):
-        w_inv = kernels.row_inv_norms(weight)
-        check_weight_norms(w_inv, weight)
-        lse, dx_hat, dw = kernels.fused_forward_backward(
-            x_hat, weight, w_inv, labels_local, targets.logit, torch.zeros_like(targets.logit), row_scale, scale=s,
-            options=options,
-        )
-        add_target_gradients(dx_hat, dw, targets, labels_local, lse, row_scale, w_inv)
-        loss = (row_scale * (lse - targets.logit)).sum()
-        ctx.save_for_backward(dx_hat, dw)
-        ctx.consumed = False
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        if torch.is_grad_enabled():  # create_graph=True: the gradients are constants here, a 2nd derivative would be wrong
-            raise RuntimeError(
-                "margin_cross_entropy: double backward (create_graph=True) through the fused single-pass path is "
-                "not supported. Use backend='reference' for higher-order gradients."
-            )
-        if ctx.consumed:
-            raise RuntimeError(
-                "margin_cross_entropy: a second backward through the fused single-pass path "
-                "(retain_graph=True) is not supported; its gradients were scaled in place. "
-                "Pass reduction='none' and reduce yourself to backpropagate twice."
-            )
-        ctx.consumed = True
-        dx_hat, dw = ctx.saved_tensors
-        return dx_hat.mul_(grad_loss), dw.mul_(grad_loss), None, None, None, None, None, None

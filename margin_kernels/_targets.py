@@ -39,7 +39,6 @@ class Targets(NamedTuple):
     """What the fused loss needs of the margin, per row."""
 
     logit: Tensor  # s * t, float32 [B]
-    cos: Tensor  # the target cosine, float32 [B]
     grad_x: Tensor  # d(s t) / d x_hat, float32 [B, D]
     grad_w: Tensor  # d(s t) / d w_hat of the row's class, float32 [B, D]
 
@@ -66,7 +65,7 @@ def prepare_targets(geo: Geometry, margins: RowMargins, margin: Margin) -> Targe
     t, slope = target_logit(geo.cos, margins, overflow=margin.overflow, easy_margin=margin.easy_margin,
                             detach_margin=margin.detach_margin, sin_target=geo.sin)
     scaled = margin.s * slope
-    return Targets((margin.s * t).float(), geo.cos.float(), (scaled[:, None] * geo.perp_x).float(),
+    return Targets((margin.s * t).float(), (scaled[:, None] * geo.perp_x).float(),
                    (scaled[:, None] * geo.perp_w).float())
 
 

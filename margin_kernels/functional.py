@@ -9,7 +9,8 @@ from torch import Tensor
 
 from . import backends, reference
 from ._checks import FUSED_DTYPES, check_args, check_margins, check_values, check_workspace
-from ._ops import FusedReducedLoss, _labels_local  # also registers the margin_kernels:: custom ops
+from ._ops import _labels_local  # also registers the margin_kernels:: custom ops
+from ._shard_loss import SinglePassLoss
 from ._targets import geometry, prepare_targets
 from .margins import NORM_EPS, Margin, RowMargins
 
@@ -131,7 +132,7 @@ def margin_cross_entropy(
         row_scale = valid.float()
         if reduction == "mean":
             row_scale = row_scale / valid.sum().clamp_min(1)
-        loss, lse = FusedReducedLoss.apply(
+        loss, lse = SinglePassLoss.apply(
             x_hat.contiguous(), weight, labels_local, targets, row_scale, margin.s, kernels, options
         )
     else:

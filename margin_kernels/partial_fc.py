@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _shard_io, backends
-from ._checks import FUSED_DTYPES, bad_norm_rows, bad_values, check_values, describe_bad_row, first_bad_weight_row
+from ._checks import FUSED_DTYPES, bad_values, check_values
+from ._shard_loss import ShardedLoss
 from ._sharding import Group, class_split
-from ._targets import Targets, add_target_gradients, geometry, prepare_targets
+from ._targets import geometry, prepare_targets
 from .functional import kernel_options
 from .margins import NORM_EPS, CombinedMargin, Margin, RowMargins
 
@@ -61,66 +62,6 @@ class _GatherRows(torch.autograd.Function):
         grad = ctx.group.all_reduce(grad.contiguous().clone())
         start = sum(ctx.sizes[: ctx.group.rank])
         return grad[start : start + ctx.sizes[ctx.group.rank]], None, None
-
-
-class _ShardedMarginLoss(torch.autograd.Function):
-    """Mean loss over the global batch, from this rank's (sampled) classes."""
-
-    @staticmethod
-    def forward(ctx, x_hat, weight, labels_local, targets: Targets, valid, class_index, s, kernels, group, options):
-        target = targets.logit
-        w_inv = kernels.row_inv_norms(weight, class_index=class_index)
-        lse_local = kernels.lse_forward(x_hat, weight, w_inv, labels_local, target, scale=s, options=options,
-                                        class_index=class_index)
-        row_max = group.all_reduce(lse_local.clone(), "max")
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        # The SUM all-reduce also carries one flag per rank for NaN/Inf weight
-        # rows, so a bad shard raises on every rank instead of hanging the others.
-        flags = torch.zeros(group.size, device=lse_local.device)
-        flags[group.rank] = bad_norm_rows(w_inv).any().float()
-        summed = group.all_reduce(torch.cat([torch.exp(lse_local - row_max), flags]))
-        total, flags = summed[: lse_local.shape[0]], summed[lse_local.shape[0] :]
-        if bool(flags.any()):
-            _raise_bad_weight(weight, w_inv, class_index, flags)
-        lse = row_max + total.log()
-        count = valid.sum().clamp_min(1).float()
-        loss = torch.where(valid, lse - target, torch.zeros_like(lse)).sum() / count
-        ctx.save_for_backward(x_hat, weight, w_inv, labels_local, lse, valid, class_index, *targets)
-        ctx.s, ctx.kernels, ctx.options, ctx.count = s, kernels, options, count
-        return loss, lse
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
-        x_hat, weight, w_inv, labels_local, lse, valid, class_index, *target_parts = ctx.saved_tensors
-        targets = Targets(*target_parts)
-        g = torch.where(valid, grad_loss / ctx.count, torch.zeros_like(lse))
-        weight_grad = ctx.needs_input_grad[1]  # False for a frozen weight: no dW products, no dW memory
-        # The kernels see a zero slope: the target columns' gradient is added exactly
-        # by this shard (the rows' owner), then summed over ranks with dx_hat.
-        dx_hat, dw = ctx.kernels.lse_backward(
-            x_hat, weight, w_inv, labels_local, targets.logit, torch.zeros_like(lse), lse, g, scale=ctx.s,
-            options=ctx.options, class_index=class_index, weight_grad=weight_grad,
-        )
-        add_target_gradients(dx_hat, dw, targets, labels_local, lse, g, w_inv)
-        if not weight_grad:
-            dw = None
-        elif class_index is not None and weight.is_leaf:
-            # Rows-only update straight into .grad: autograd would otherwise build
-            # a dense C x D gradient next to .grad just to add it in.
-            if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-            weight.grad.index_add_(0, class_index, dw.to(weight.grad.dtype))
-            dw = None
-        elif class_index is not None:  # rows outside the sample get a zero gradient
-            dw = torch.zeros_like(weight).index_copy_(0, class_index, dw)
-        return dx_hat, dw, None, None, None, None, None, None, None, None
-
-
-def _raise_bad_weight(weight: Tensor, w_inv: Tensor, class_index: Tensor | None, flags: Tensor) -> None:
-    ranks = flags.nonzero().flatten().tolist()
-    row = first_bad_weight_row(w_inv, class_index)
-    here = "" if row is None else f"; here: local {describe_bad_row('weight', weight, row)}"
-    raise ValueError(f"PartialFC: bad weight rows (NaN/Inf or overflowing norms) on rank(s) {ranks}{here}")
 
 
 class PartialFC(nn.Module):
@@ -307,7 +248,7 @@ class PartialFC(nn.Module):
             class_index, labels_local = self._sample(rows_local, sum(sizes))
         self.last_sampled_index = class_index
         kernels = backends.load(backends.resolve(self.backend, x.device) if self.backend == "auto" else self.backend)
-        loss, _ = _ShardedMarginLoss.apply(
+        loss, _ = ShardedLoss.apply(
             x_hat.contiguous(), self.weight, labels_local, targets, valid, class_index,
             float(self.margin.s), kernels, group, self.options.resolved(),
         )

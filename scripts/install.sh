@@ -34,7 +34,9 @@ for p in sorted([*pathlib.Path("csrc").rglob("*"), pathlib.Path("setup.py"), pat
 print(h.hexdigest())
 PY
 )
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$stamp" ]] && "$PY" -c "import margin_kernels._C" 2>/dev/null; then
+# ... and only when the installed package is this tree's (imported from elsewhere than here)
+installed=$(cd / && "$PY" -c "import margin_kernels._C, os; print(os.path.dirname(os.path.dirname(margin_kernels._C.__file__)))" 2>/dev/null || true)
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$stamp" && "$installed" == "$PWD" ]]; then
   echo "install.sh: margin_kernels._C is current (sources unchanged since the last build); not rebuilding" >&2
 else
   echo "install.sh: building margin_kernels._C ..." >&2

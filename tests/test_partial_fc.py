@@ -183,7 +183,7 @@ def test_two_and_three_ranks(tmp_path):
     for name in ("embedding_size", "num_classes", "margin"):
         assert all(f"ranks disagree on {name} (rank(s) [1] differ from rank 0" in r["config"][name] for r in r2), name
     assert "labels must be in [0, 103)" in r2[1]["bad"]
-    assert all("bad weight rows (NaN/Inf or overflowing norms) on rank(s) [1]" in r["nan"] for r in r2)
+    assert all("bad weight rows (NaN/Inf, overflowing or zero norms) on rank(s) [1]" in r["nan"] for r in r2)
     assert "local weight row 2 contains NaN or Inf" in r2[1]["nan"]
 
     # Checkpoint saved at world size 2: the full matrix, exported on rank 0 only.
