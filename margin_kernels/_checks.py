@@ -24,7 +24,28 @@ def _tensor(name: str, value: object) -> Tensor:
     return value
 
 
+def check_batch(embeddings: object, labels: object, *, dtypes: tuple = FLOAT_DTYPES) -> None:
+    """The batch alone: tensors, [B, D] embeddings of a float dtype with D >= 1,
+    [B] integer labels. Shared by margin_cross_entropy and PartialFC."""
+    _tensor("embeddings", embeddings)
+    _tensor("labels", labels)
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be 2-D [B, D], got shape {tuple(embeddings.shape)}")
+    if labels.dim() != 1:
+        raise ValueError(f"labels must be 1-D [B], got shape {tuple(labels.shape)}")
+    if embeddings.dtype not in dtypes:
+        names = [str(d).replace("torch.", "") for d in dtypes]
+        raise TypeError(f"embeddings must be {', '.join(names[:-1])} or {names[-1]}, got {embeddings.dtype}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if embeddings.shape[1] == 0:
+        raise ValueError("embeddings must have D >= 1 features, got D = 0")
+    if labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} rows but embeddings have B = {embeddings.shape[0]}")
+
+
 def check_args(embeddings: Tensor, weight: Tensor, labels: Tensor, margin: Margin, reduction: str) -> None:
+    """Types, shapes, dtypes and devices (free, and traceable by torch.compile)."""
     _tensor("embeddings", embeddings)
     _tensor("weight", weight)
     _tensor("labels", labels)
@@ -32,31 +53,20 @@ def check_args(embeddings: Tensor, weight: Tensor, labels: Tensor, margin: Margi
         raise TypeError(f"margin must be a margin_kernels margin spec (e.g. ArcFace()), got {type(margin).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if embeddings.dim() != 2:
-        raise ValueError(f"embeddings must be 2-D [B, D], got shape {tuple(embeddings.shape)}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [C, D], got shape {tuple(weight.shape)}")
-    if labels.dim() != 1:
-        raise ValueError(f"labels must be 1-D [B], got shape {tuple(labels.shape)}")
-    if embeddings.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"embeddings must be float32, bfloat16, float16 or float64, got {embeddings.dtype}")
+    check_batch(embeddings, labels)
     if weight.dtype != embeddings.dtype:
         raise TypeError(
             f"weight dtype {weight.dtype} does not match embeddings dtype {embeddings.dtype}; cast one of them"
         )
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if weight.shape[0] == 0:
         raise ValueError("weight must have at least one class (C >= 1), got C = 0")
-    if embeddings.shape[1] == 0:
-        raise ValueError("embeddings must have D >= 1 features, got D = 0")
     if weight.shape[1] != embeddings.shape[1]:
         raise ValueError(
             f"weight has D = {weight.shape[1]} but embeddings have D = {embeddings.shape[1]} (shapes "
             f"{tuple(weight.shape)} and {tuple(embeddings.shape)})"
         )
-    if labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(f"labels has {labels.shape[0]} rows but embeddings have B = {embeddings.shape[0]}")
     if not (embeddings.device == weight.device == labels.device):
         raise ValueError(
             f"embeddings, weight and labels must be on one device, got {embeddings.device}, "

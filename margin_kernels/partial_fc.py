@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _shard_io, backends
-from ._checks import FUSED_DTYPES, bad_values, check_values
+from ._checks import FUSED_DTYPES, bad_values, check_batch, check_values
 from ._shard_loss import ShardedLoss
 from ._sharding import Group, class_split
 from ._targets import geometry, prepare_targets
@@ -263,16 +263,9 @@ class PartialFC(nn.Module):
         host sync before the loss; the message is built only when one fails."""
         problem = ""
         try:
-            if not isinstance(embeddings, Tensor) or not isinstance(labels, Tensor):
-                raise TypeError("embeddings and labels must be tensors")
-            if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
+            check_batch(embeddings, labels, dtypes=FUSED_DTYPES)
+            if embeddings.shape[1] != self.embedding_size:
                 raise ValueError(f"embeddings must be [B, {self.embedding_size}], got {tuple(embeddings.shape)}")
-            if labels.dim() != 1 or labels.shape[0] != embeddings.shape[0]:
-                raise ValueError(f"labels must be [B] with B = {embeddings.shape[0]}, got {tuple(labels.shape)}")
-            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-                raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
-            if embeddings.dtype not in FUSED_DTYPES:
-                raise TypeError(f"embeddings must be float32, bfloat16 or float16, got {embeddings.dtype}")
             if embeddings.device != self.weight.device or labels.device != self.weight.device:
                 raise ValueError(f"embeddings and labels must be on the weight's device {self.weight.device}, got "
                                  f"{embeddings.device} and {labels.device}")

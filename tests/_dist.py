@@ -21,18 +21,23 @@ def _entry(rank, world, port, fn, args, outdir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
+    status = 1
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(outdir, f"rank{rank}.pt"))
         # No rank tears gloo down while a peer still has traffic in flight: a
         # closed pair aborts the peer's background thread.
         dist.barrier()
+        status = 0
     except BaseException:
         with open(os.path.join(outdir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
-        raise
     finally:
         dist.destroy_process_group()
+        # Leave without running C++ static destructors at interpreter exit: gloo's
+        # background threads could still abort the process there (SIGABRT, about
+        # one run in ten), after the result was saved.
+        os._exit(status)
 
 
 def run_ranks(fn, world: int, *args, outdir: str, timeout: float = 180.0) -> list:

@@ -151,6 +151,22 @@ def _logits_tile(X, W, rows, w_rows, D, stride_x, stride_w,
 
 
 @triton.jit
+def _tile_rows(pid_m, B, BLOCK_M: tl.constexpr):
+    """Rows of row tile pid_m, their validity, and the rows loads read (clamped
+    to the last row so that loads need no row mask)."""
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    return rows, rows < B, tl.minimum(rows, B - 1)
+
+
+@triton.jit
+def _split_tiles(pid_s, n_splits, C, BLOCK_N: tl.constexpr):
+    """[first, end) of the class tiles that class split pid_s sweeps."""
+    tiles = tl.cdiv(C, BLOCK_N)
+    per_split = tl.cdiv(tiles, n_splits)
+    return pid_s * per_split, tl.minimum((pid_s + 1) * per_split, tiles)
+
+
+@triton.jit
 def _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N: tl.constexpr, HAS_INDEX: tl.constexpr):
     """Columns of class tile pid_n, their validity, and the W rows they read
     (clamped to the last class so that loads need no row mask)."""
@@ -192,19 +208,14 @@ def lse_forward_kernel(
 ):
     """Program (row tile, class split): running max / sum-exp of its class tiles,
     written as one partial per (split, row); the host combines splits."""
-    pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    safe_rows = tl.minimum(rows, B - 1)
+    rows, row_ok, safe_rows = _tile_rows(tl.program_id(0), B, BLOCK_M)
     label = tl.load(LABELS + rows, mask=row_ok, other=-1)
     target = tl.load(TARGET + rows, mask=row_ok, other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    tiles = tl.cdiv(C, BLOCK_N)
-    per_split = tl.cdiv(tiles, n_splits)
-    for t in range(pid_s * per_split, tl.minimum((pid_s + 1) * per_split, tiles)):
+    first, end = _split_tiles(pid_s, tl.num_programs(1), C, BLOCK_N)
+    for t in range(first, end):
         cols, col_ok, w_rows = _tile_columns(t, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
         acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
@@ -233,12 +244,8 @@ def lse_backward_kernel(
     """Program (class tile, row tile): recompute the logits, form
     e = g s (p - onehot) * slope_at_target / ||w||, then add e . W into dx and
     (WITH_DW) e^T . x_hat into dW (both fp32, through atomics, D chunk by chunk)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    safe_rows = tl.minimum(rows, B - 1)
-    cols, col_ok, w_rows = _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
+    rows, row_ok, safe_rows = _tile_rows(tl.program_id(1), B, BLOCK_M)
+    cols, col_ok, w_rows = _tile_columns(tl.program_id(0), C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
     acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
     e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale)
@@ -272,10 +279,8 @@ def lse_backward_dw_kernel(
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = ds < D
     dw = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
-    for m0 in range(0, B, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < B
-        safe_rows = tl.minimum(rows, B - 1)
+    for pid_m in range(0, tl.cdiv(B, BLOCK_M)):
+        rows, row_ok, safe_rows = _tile_rows(pid_m, B, BLOCK_M)
         acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
         e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale)
@@ -296,19 +301,12 @@ def lse_backward_dx_kernel(
     the split's class tiles, recompute the logits, accumulate e . W for its D
     chunk in registers; one fp32 atomic add per split at the end (splits x B x D
     in all, against (C / BLOCK_N) x B x D for the atomic backward)."""
-    pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    pid_d = tl.program_id(2)
-    n_splits = tl.num_programs(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < B
-    safe_rows = tl.minimum(rows, B - 1)
-    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows, row_ok, safe_rows = _tile_rows(tl.program_id(0), B, BLOCK_M)
+    ds = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = ds < D
     dx = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    tiles = tl.cdiv(C, BLOCK_N)
-    per_split = tl.cdiv(tiles, n_splits)
-    for t in range(pid_s * per_split, tl.minimum((pid_s + 1) * per_split, tiles)):
+    first, end = _split_tiles(tl.program_id(1), tl.num_programs(1), C, BLOCK_N)
+    for t in range(first, end):
         cols, col_ok, w_rows = _tile_columns(t, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
         acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
