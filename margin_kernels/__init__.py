@@ -7,6 +7,7 @@ from .backends import KernelOptions
 from .functional import draw_margins, margin_cross_entropy
 from .partial_fc import PartialFC
 from .margins import (
+    AdaFace,
     ArcFace,
     CombinedMargin,
     CosFace,
@@ -21,6 +22,7 @@ from .margins import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaFace",
     "ArcFace",
     "CombinedMargin",
     "CosFace",

@@ -12,7 +12,8 @@ Two forms, both loadable at any world size:
 Directory layout::
 
     meta.pt                                    written last: the save's id and the exact list of its
-                                               files, with their class ranges, sizes and sha256
+                                               files, with their class ranges, sizes and sha256; the
+                                               module's buffers (a margin's state, equal on every rank)
     classes_<start>_<end>.<save id>.pt         {"start", "end", "weight", "optimizer"}
 
 A save is atomic for readers: every rank writes its shard under a name unique
@@ -135,7 +136,7 @@ def save_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer |
     if group.rank == 0:
         meta = {"format": FORMAT, "save_id": save_id, "num_classes": pfc.num_classes,
                 "embedding_size": pfc.embedding_size, "dtype": str(pfc.weight.dtype), "world_size": group.size,
-                "shards": shards}
+                "shards": shards, "buffers": {name: buf.detach().cpu() for name, buf in pfc.named_buffers()}}
         _atomic_write(_serialize(meta), os.path.join(path, META))
         keep = {entry["file"] for entry in shards}
         for old in os.listdir(path):  # earlier saves' shards, now unreachable
@@ -235,5 +236,10 @@ def _load_from(pfc: "PartialFC", path: str, meta: dict, optimizer: torch.optim.O
     if covered < hi:
         raise ValueError(f"{path}: no shard file holds classes [{covered}, {hi}) (a missing or partial checkpoint)")
     weight.copy_(new_weight)
+    for name, buf in pfc.named_buffers():  # the margin's state (AdaFace's statistics)
+        saved = meta.get("buffers", {}).get(name)
+        if saved is None:
+            raise ValueError(f"{path}: {META} holds no {name!r} (saved by a PartialFC with another margin)")
+        buf.copy_(saved)
     if optimizer is not None:
         optimizer.state[pfc.weight] = new_state

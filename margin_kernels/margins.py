@@ -27,10 +27,15 @@ __all__ = [
     "CombinedMargin",
     "ElasticArcFace",
     "ElasticCosFace",
+    "AdaFace",
     "target_logit",
 ]
 
-Overflow = Literal["classic", "none"]
+Overflow = Literal["classic", "none", "clip"]
+
+# overflow="clip" (AdaFace's rule): the margined angle is clipped into
+# [CLIP_EPS, pi - CLIP_EPS], with a zero slope where the clip acts.
+CLIP_EPS = 1e-3
 
 # Floor on ||v|| when normalizing a row (F.normalize's eps): rows at or below it
 # are rejected as zero rows by the argument checks.
@@ -96,7 +101,8 @@ class Margin:
     def __post_init__(self) -> None:
         _finite("s", self.s)
         _require(0 < self.s <= MAX_SCALE, f"s must be > 0 and <= {MAX_SCALE:g}, got {self.s}")
-        _require(self.overflow in ("classic", "none"), f"overflow must be 'classic' or 'none', got {self.overflow!r}")
+        _require(self.overflow in ("classic", "none", "clip"),
+                 f"overflow must be 'classic', 'none' or 'clip', got {self.overflow!r}")
 
     def fixed_triple(self) -> tuple[float, float, float]:
         """(m1, m2, m3) of a fixed margin; elastic specs override row_margins."""
@@ -271,6 +277,71 @@ class ElasticCosFace(_Elastic):
         return RowMargins(torch.ones_like(m), torch.zeros_like(m), m)
 
 
+@dataclass(frozen=True)
+class AdaFace(Margin):
+    """AdaFace (Kim et al., CVPR 2022): a margin adapted to feature quality,
+    measured by the embedding norm against running batch statistics.
+
+    Row i gets m1 = 1, m2 = -m r_i, m3 = m + m r_i with
+    r_i = clip((n_i - mean) / (std + 1e-3) * h, -1, 1), n_i = clip(||x_i||, 0.001, 100)
+    detached, and its angle clipped into [1e-3, pi - 1e-3] (``overflow="clip"``).
+    The running statistics are state: :class:`margin_kernels.nn.AdaFace` keeps
+    them as buffers and updates them (``momentum``) with each training batch
+    before computing its margins; ``margins_from_norms`` gives the margins for
+    given statistics. Defaults are the official training's (m=0.4, h=0.333, s=64).
+    See docs/DESIGN.md §1 for where we differ from the official code.
+    """
+
+    m: float = 0.4
+    h: float = 0.333
+    momentum: float = 0.01
+    _: KW_ONLY
+    overflow: Overflow = "clip"
+
+    NORM_RANGE: ClassVar[tuple[float, float]] = (0.001, 100.0)
+    STD_EPS: ClassVar[float] = 1e-3
+    INITIAL_MEAN: ClassVar[float] = 20.0
+    INITIAL_STD: ClassVar[float] = 100.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _margin_range(self, "m", self.m, ADDITIVE_RANGE, "AdaFace's margin")
+        _finite("h", self.h)
+        _require(self.h > 0, f"h must be > 0, got {self.h}")
+        _finite("momentum", self.momentum)
+        _require(0 < self.momentum <= 1, f"momentum must be in (0, 1], got {self.momentum}")
+
+    def clipped_norms(self, embeddings: Tensor) -> Tensor:
+        """n_i = clip(||x_i||, 0.001, 100), detached, float32 (float64 for float64)."""
+        dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        norms = torch.linalg.vector_norm(embeddings.detach().to(dtype), dim=1)
+        return norms.clamp(*self.NORM_RANGE)
+
+    def updated_statistics(self, mean: Tensor, std: Tensor, norms: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, std) after a batch: an EMA of the valid rows' mean and unbiased
+        std, computed on the device without a host sync. No valid row leaves
+        both alone; one leaves the std alone (its std is undefined, and NaN
+        would stay in the running value for good)."""
+        keep = valid.to(norms.dtype)
+        count = keep.sum()
+        batch_mean = (norms * keep).sum() / count.clamp_min(1)
+        batch_var = (((norms - batch_mean) * keep) ** 2).sum() / (count - 1).clamp_min(1)
+        a = self.momentum
+        new_mean = torch.where(count >= 1, a * batch_mean + (1 - a) * mean, mean)
+        new_std = torch.where(count >= 2, a * batch_var.sqrt() + (1 - a) * std, std)
+        return new_mean.to(mean.dtype), new_std.to(std.dtype)
+
+    def margins_from_norms(self, norms: Tensor, mean: Tensor | float, std: Tensor | float) -> RowMargins:
+        """The per-row (m1, m2, m3) for clipped norms and running statistics."""
+        r = ((norms - mean) / (std + self.STD_EPS) * self.h).clamp(-1.0, 1.0).float()
+        return RowMargins(torch.ones_like(r), -self.m * r, self.m + self.m * r)
+
+    def row_margins(self, batch_size, *, device="cpu", cos_target=None, valid=None, generator=None):
+        raise ValueError("AdaFace's margins depend on the embedding norms and running statistics: use "
+                         "margin_kernels.nn.AdaFace (which keeps them), or pass "
+                         "margins=AdaFace().margins_from_norms(norms, mean, std) to margin_cross_entropy")
+
+
 def target_logit(
     cos_target: Tensor,
     margins: RowMargins,
@@ -282,6 +353,8 @@ def target_logit(
 ) -> tuple[Tensor, Tensor]:
     """Target cosine after the margin, ``t``, and its slope ``dt/dc`` per row.
 
+    ``overflow="clip"``: the angle ``m1 theta + m2`` is clipped into
+    [CLIP_EPS, pi - CLIP_EPS] (AdaFace's rule), slope 0 where the clip acts.
     ``overflow="classic"``: where ``m1 theta + m2 >= pi`` (cos would turn back
     up), use ``t = c - m2 sin(m2) - m3``, slope 1. For m1 = 1 this is ArcFace's
     ``th = cos(pi - m)``, ``mm = m sin m`` rule; for m1 != 1 we keep the same
@@ -305,8 +378,12 @@ def target_logit(
         sin_theta = sin_target.to(dtype)
         theta = torch.atan2(sin_theta, c)
     angle = m1 * theta + m2
-    plain = (m1 == 1.0) & (m2 == 0.0)
-    t = torch.where(plain, c - m3, torch.cos(angle) - m3)
+    plain = (m1 == 1.0) & (m2 == 0.0) & (overflow != "clip")
+    if overflow == "clip":
+        clipped = angle.clamp(CLIP_EPS, math.pi - CLIP_EPS)
+        t = torch.cos(clipped) - m3
+    else:
+        t = torch.where(plain, c - m3, torch.cos(angle) - m3)
     # sin theta = 0 only at theta = 0 or pi exactly, where the direction the
     # slope multiplies is zero: the floor keeps it finite there
     safe_sin = torch.where(sin_theta > 0, sin_theta, torch.full_like(sin_theta, SIN_EPS))
@@ -315,6 +392,8 @@ def target_logit(
         over = angle >= math.pi
         t = torch.where(over, c - m2 * torch.sin(m2) - m3, t)
         slope = torch.where(over, torch.ones_like(c), slope)
+    elif overflow == "clip":
+        slope = torch.where(angle == clipped, slope, torch.zeros_like(c))
     if easy_margin:
         t = torch.where(c > 0, t, c)
         slope = torch.where(c > 0, slope, torch.ones_like(c))

@@ -26,6 +26,7 @@ __all__ = [
     "CombinedMargin",
     "ElasticArcFace",
     "ElasticCosFace",
+    "AdaFace",
 ]
 
 
@@ -115,3 +116,42 @@ SphereFace = _named_head(_margins.SphereFace)
 CombinedMargin = _named_head(_margins.CombinedMargin)
 ElasticArcFace = _named_head(_margins.ElasticArcFace)
 ElasticCosFace = _named_head(_margins.ElasticCosFace)
+
+
+class AdaFace(MarginSoftmaxLoss):
+    """AdaFace head: ``AdaFace(embedding_size, num_classes, m=0.4, h=0.333, s=64.0,
+    momentum=0.01, **kwargs)``.
+
+    Keeps the running mean and std of the clipped embedding norms as buffers
+    (``batch_mean``, ``batch_std``, in ``state_dict``; starting at 20 and 100 as
+    the official head does). In training, each forward first updates them with
+    the batch's valid rows, then computes the rows' margins from them
+    (:class:`margin_kernels.margins.AdaFace`); in eval mode they stay as they
+    are. ``last_margins`` keeps the step's margins, to replay it.
+    """
+
+    batch_mean: Tensor
+    batch_std: Tensor
+
+    def __init__(self, embedding_size: int, num_classes: int, m: float = 0.4, h: float = 0.333, s: float = 64.0,
+                 momentum: float = 0.01, **kwargs) -> None:
+        margin_kwargs = {k: kwargs.pop(k) for k in ("overflow", "easy_margin", "detach_margin", "allow_any_margin")
+                         if k in kwargs}
+        spec = _margins.AdaFace(s, m, h, momentum, **margin_kwargs)
+        super().__init__(embedding_size, num_classes, spec, **kwargs)
+        self.register_buffer("batch_mean", torch.tensor(spec.INITIAL_MEAN))
+        self.register_buffer("batch_std", torch.tensor(spec.INITIAL_STD))
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        spec: _margins.AdaFace = self.margin
+        norms = spec.clipped_norms(embeddings) if isinstance(embeddings, Tensor) and embeddings.dim() == 2 else None
+        if norms is not None and self.training and isinstance(labels, Tensor) and labels.shape == norms.shape:
+            with torch.no_grad():
+                mean, std = spec.updated_statistics(self.batch_mean, self.batch_std, norms, labels != self.ignore_index)
+                self.batch_mean.copy_(mean)
+                self.batch_std.copy_(std)
+        row_margins = spec.margins_from_norms(norms, self.batch_mean, self.batch_std) if norms is not None else None
+        self.last_margins = row_margins
+        return margin_cross_entropy(embeddings, self.weight, labels, spec, reduction=self.reduction,
+                                    ignore_index=self.ignore_index, backend=self.backend, options=self.options,
+                                    margins=row_margins)

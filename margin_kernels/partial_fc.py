@@ -32,7 +32,7 @@ from ._shard_loss import ShardedLoss
 from ._sharding import Group, class_split
 from ._targets import geometry, prepare_targets
 from .functional import kernel_options
-from .margins import NORM_EPS, CombinedMargin, Margin, RowMargins
+from .margins import NORM_EPS, AdaFace, CombinedMargin, Margin, RowMargins
 
 __all__ = ["PartialFC", "class_split", "sample_count"]
 
@@ -149,6 +149,9 @@ class PartialFC(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_local, embedding_size, device=device)
                                    .normal_(0.0, 0.01, generator=generator).to(dtype))
         self.last_sampled_index = None
+        if isinstance(margin, AdaFace):  # statistics of the global batch: the same on every rank
+            self.register_buffer("batch_mean", torch.tensor(margin.INITIAL_MEAN, device=device))
+            self.register_buffer("batch_std", torch.tensor(margin.INITIAL_STD, device=device))
         self.register_load_state_dict_pre_hook(_slice_full_weight)
 
     def _check_same_configuration(self, embedding_size, num_classes, margin, sample_rate, dtype, sample_rounding,
@@ -240,7 +243,10 @@ class PartialFC(nn.Module):
                 geo = geometry(x, torch.ones_like(x), mask=torch.zeros_like(valid))
             cos_sin = group.all_reduce(torch.stack([geo.cos, geo.sin]))
             geo = geo._replace(cos=cos_sin[0], sin=cos_sin[1])
-            margins = self._row_margins(geo.cos.float(), valid)
+            if isinstance(self.margin, AdaFace):
+                margins = self._adaface_margins(x, valid)
+            else:
+                margins = self._row_margins(geo.cos.float(), valid)
             targets = prepare_targets(geo, margins, self.margin)
 
         class_index, labels_local = None, rows_local
@@ -292,6 +298,16 @@ class PartialFC(nn.Module):
             raise ValueError(f"PartialFC: invalid input on rank(s) {bad}{here}")
         return [row[0] for row in table]
 
+    def _adaface_margins(self, x: Tensor, valid: Tensor) -> RowMargins:
+        """AdaFace's margins from the gathered batch: every rank sees the same
+        rows, so the statistics (updated in training) are global and equal."""
+        norms = self.margin.clipped_norms(x)
+        if self.training:
+            mean, std = self.margin.updated_statistics(self.batch_mean, self.batch_std, norms, valid)
+            self.batch_mean.copy_(mean)
+            self.batch_std.copy_(std)
+        return self.margin.margins_from_norms(norms, self.batch_mean, self.batch_std)
+
     def _row_margins(self, cos_y: Tensor, valid: Tensor) -> RowMargins:
         """The same per-row margins on every rank: rank 0 draws, then broadcasts."""
         m = self.margin.row_margins(cos_y.shape[0], device=cos_y.device, cos_target=cos_y, valid=valid,
@@ -321,6 +337,9 @@ class PartialFC(nn.Module):
             destination[prefix + "weight"] = _shard_io.gather_full(self)
         else:
             destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
+        for name, buf in self._buffers.items():  # the margin's state (AdaFace's statistics), equal on every rank
+            if buf is not None:
+                destination[prefix + name] = buf if keep_vars else buf.detach()
 
     def full_weight(self, dst: int = 0) -> Tensor | None:
         """The full [C, D] class matrix on rank ``dst`` (None elsewhere), in host

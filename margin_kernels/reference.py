@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .margins import NORM_EPS, RowMargins
+from .margins import CLIP_EPS, NORM_EPS, RowMargins
 
 
 def _margin_target(c: Tensor, x_hat: Tensor, w_hat_y: Tensor, margins: RowMargins, overflow: str,
@@ -30,7 +30,9 @@ def _margin_target(c: Tensor, x_hat: Tensor, w_hat_y: Tensor, margins: RowMargin
     m1, m2, m3 = (v.to(c.dtype) for v in margins)
     sin = torch.linalg.vector_norm(w_hat_y - c[:, None] * x_hat, dim=1)
     angle = m1 * torch.atan2(sin, c) + m2
-    plain = (m1 == 1.0) & (m2 == 0.0)
+    if overflow == "clip":
+        angle = angle.clamp(CLIP_EPS, math.pi - CLIP_EPS)  # zero gradient where the clip acts
+    plain = (m1 == 1.0) & (m2 == 0.0) & (overflow != "clip")
     t = torch.where(plain, c - m3, torch.cos(angle) - m3)
     if overflow == "classic":
         t = torch.where(angle >= math.pi, c - m2 * torch.sin(m2) - m3, t)
@@ -80,3 +82,40 @@ def reduce_rows(rows: Tensor, valid: Tensor, reduction: str) -> Tensor:
     if reduction == "sum":
         return total
     return total / valid.sum().clamp_min(1).to(total.dtype)
+
+
+def adaface_statistics(mean: Tensor, std: Tensor, norms: Tensor, momentum: float) -> tuple[Tensor, Tensor]:
+    """AdaFace's running statistics after a batch of clipped norms, as its
+    official head updates them (unbiased std), except that a batch of fewer
+    than two rows leaves the std alone (theirs becomes NaN for good)."""
+    with torch.no_grad():
+        if norms.numel() == 0:
+            return mean, std
+        new_mean = momentum * norms.mean() + (1 - momentum) * mean
+        new_std = momentum * norms.std() + (1 - momentum) * std if norms.numel() >= 2 else std
+        return new_mean, new_std
+
+
+def adaface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, mean: Tensor, std: Tensor, *, s: float = 64.0,
+                 m: float = 0.4, h: float = 0.333, reduction: str = "mean", ignore_index: int = -100,
+                 norms: Tensor | None = None) -> Tensor:
+    """AdaFace written from the paper and its official head, the naive way: the
+    full B x C cosines, the target angle by arccos, feature-quality margins from
+    the detached, clipped norms (``norms``, by default those of ``embeddings``)
+    and the given statistics."""
+    compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    x = embeddings.to(compute)
+    w_hat = F.normalize(weight.to(compute), dim=1, eps=NORM_EPS)
+    cos = F.normalize(x, dim=1, eps=NORM_EPS) @ w_hat.t()
+    if norms is None:
+        norms = torch.linalg.vector_norm(x.detach(), dim=1).clamp(0.001, 100.0)
+    r = ((norms - mean) / (std + 1e-3) * h).clamp(-1.0, 1.0)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    c_y = cos.gather(1, safe[:, None]).squeeze(1).clamp(-1.0, 1.0)
+    theta = torch.clip(torch.acos(c_y) - m * r, CLIP_EPS, math.pi - CLIP_EPS)
+    target = torch.cos(theta) - (m + m * r)
+    onehot = F.one_hot(safe, weight.shape[0]).bool() & valid[:, None]
+    logits = torch.where(onehot, (s * target)[:, None], s * cos)
+    rows = torch.where(valid, torch.logsumexp(logits, dim=1) - s * target, torch.zeros_like(target))
+    return reduce_rows(rows, valid, reduction)
