@@ -12,7 +12,7 @@ from torch import Tensor
 from . import backends
 from ._checks import check_values
 from ._shard_loss import shard_backward, shard_forward
-from ._targets import Targets
+from ._targets import Targets, target_logit_grad
 
 
 def _labels_local(labels: Tensor, ignore_index: int) -> Tensor:
@@ -111,7 +111,11 @@ def _backward(ctx, grad_loss, grad_lse, grad_w_inv):
     weight_grad = ctx.needs_input_grad[1]
     dx_hat, dw = margin_ce_rows_backward(grad_loss, x_hat, weight, w_inv, labels, target_logit, grad_x, grad_w, lse,
                                          *ctx.args, weight_grad)
-    return (dx_hat, dw if weight_grad else None) + (None,) * 11
+    d_logit = None
+    if ctx.needs_input_grad[3]:  # margins that need their gradient (MagFace)
+        own = _labels_local(labels, ctx.args[1]) >= 0
+        d_logit = target_logit_grad(target_logit, lse, own, grad_loss.float())
+    return (dx_hat, dw if weight_grad else None, None, d_logit) + (None,) * 9
 
 
 margin_ce_rows.register_autograd(_backward, setup_context=_setup_context)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._checks import bad_norm_rows, check_weight_norms, describe_bad_row, first_bad_weight_row
 from ._sharding import Group
-from ._targets import Targets, add_target_gradients
+from ._targets import Targets, add_target_gradients, target_logit_grad
 
 
 def shard_forward(kernels, x_hat: Tensor, weight: Tensor, labels_local: Tensor, targets: Targets, *, scale: float,
@@ -77,7 +77,9 @@ class SinglePassLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_hat, weight, labels_local, targets: Targets, row_scale, scale, kernels, options):
+    def forward(ctx, x_hat, weight, labels_local, target_logit, target_grad_x, target_grad_w, row_scale, scale, kernels,
+                options):
+        targets = Targets(target_logit, target_grad_x, target_grad_w)
         w_inv = kernels.row_inv_norms(weight)
         check_weight_norms(w_inv, weight)
         lse, dx_hat, dw = kernels.fused_forward_backward(
@@ -86,7 +88,8 @@ class SinglePassLoss(torch.autograd.Function):
         )
         add_target_gradients(dx_hat, dw, targets, labels_local, lse, row_scale, w_inv)
         loss = (row_scale * (lse - targets.logit)).sum()
-        ctx.save_for_backward(dx_hat, dw)
+        d_logit = target_logit_grad(targets.logit, lse, labels_local >= 0, row_scale)
+        ctx.save_for_backward(dx_hat, dw, d_logit)
         ctx.consumed = False
         ctx.mark_non_differentiable(lse)
         return loss, lse
@@ -105,8 +108,8 @@ class SinglePassLoss(torch.autograd.Function):
                 "Pass reduction='none' and reduce yourself to backpropagate twice."
             )
         ctx.consumed = True
-        dx_hat, dw = ctx.saved_tensors
-        return dx_hat.mul_(grad_loss), dw.mul_(grad_loss), None, None, None, None, None, None
+        dx_hat, dw, d_logit = ctx.saved_tensors
+        return (dx_hat.mul_(grad_loss), dw.mul_(grad_loss), None, d_logit * grad_loss) + (None,) * 6
 
 
 class ShardedLoss(torch.autograd.Function):

@@ -59,14 +59,25 @@ def geometry(embeddings: Tensor, w_rows: Tensor, mask: Tensor | None = None) -> 
     return Geometry(c, sin, perp_x, perp_w)
 
 
-@torch.no_grad()
 def prepare_targets(geo: Geometry, margins: RowMargins, margin: Margin) -> Targets:
-    """Target logits and their gradients from the rows' geometry and margins."""
+    """Target logits and their gradients from the rows' geometry and margins.
+
+    The geometry is detached (its gradient is grad_x / grad_w); the logit
+    keeps the margins' autograd history, so that margins that need a gradient
+    (MagFace's, a function of the embedding norm) receive dL/dm through it."""
     t, slope = target_logit(geo.cos, margins, overflow=margin.overflow, easy_margin=margin.easy_margin,
                             detach_margin=margin.detach_margin, sin_target=geo.sin)
-    scaled = margin.s * slope
-    return Targets((margin.s * t).float(), (scaled[:, None] * geo.perp_x).float(),
-                   (scaled[:, None] * geo.perp_w).float())
+    with torch.no_grad():
+        scaled = margin.s * slope
+        grad_x = (scaled[:, None] * geo.perp_x).float()
+        grad_w = (scaled[:, None] * geo.perp_w).float()
+    return Targets((margin.s * t).float(), grad_x, grad_w)
+
+
+def target_logit_grad(logit: Tensor, lse: Tensor, own: Tensor, grad_rows: Tensor) -> Tensor:
+    """d loss / d (target logit) per row: g_i (p_i - 1) where the row's target is
+    here (``own``), 0 elsewhere; p_i = exp(s t_i - lse_i)."""
+    return torch.where(own, grad_rows * (torch.exp(logit - lse) - 1.0), torch.zeros_like(lse))
 
 
 def add_target_gradients(dx_hat: Tensor, dw: Tensor | None, targets: Targets, labels_local: Tensor, lse: Tensor,

@@ -133,7 +133,7 @@ def margin_cross_entropy(
         if reduction == "mean":
             row_scale = row_scale / valid.sum().clamp_min(1)
         loss, lse = SinglePassLoss.apply(
-            x_hat.contiguous(), weight, labels_local, targets, row_scale, margin.s, kernels, options
+            x_hat.contiguous(), weight, labels_local, *targets, row_scale, margin.s, kernels, options
         )
     else:
         rows, lse, _ = torch.ops.margin_kernels.margin_ce_rows(

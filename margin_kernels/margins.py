@@ -28,6 +28,7 @@ __all__ = [
     "ElasticArcFace",
     "ElasticCosFace",
     "AdaFace",
+    "MagFace",
     "target_logit",
 ]
 
@@ -340,6 +341,54 @@ class AdaFace(Margin):
         raise ValueError("AdaFace's margins depend on the embedding norms and running statistics: use "
                          "margin_kernels.nn.AdaFace (which keeps them), or pass "
                          "margins=AdaFace().margins_from_norms(norms, mean, std) to margin_cross_entropy")
+
+
+@dataclass(frozen=True)
+class MagFace(Margin):
+    """MagFace (Meng et al., CVPR 2021): an ArcFace margin that grows with the
+    feature magnitude a = clamp(||x||, l_a, u_a), m(a) = l_m + (u_m - l_m)(a - l_a)/(u_a - l_a),
+    plus the regularizer lambda_g g(a), g(a) = a / u_a^2 + 1 / a. The gradient
+    flows through a into both. The official training uses the easy margin (the
+    default here); ``easy_margin=False`` gives the classic rule.
+    :class:`margin_kernels.nn.MagFace` computes both terms from the embeddings.
+    """
+
+    l_a: float = 10.0
+    u_a: float = 110.0
+    l_m: float = 0.45
+    u_m: float = 0.8
+    lambda_g: float = 35.0
+    _: KW_ONLY
+    easy_margin: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("l_a", "u_a", "lambda_g"):
+            _finite(name, getattr(self, name))
+        _require(0 < self.l_a < self.u_a, f"need 0 < l_a < u_a, got l_a={self.l_a}, u_a={self.u_a}")
+        _margin_range(self, "l_m", self.l_m, ANGULAR_RANGE, "MagFace's smallest margin")
+        _margin_range(self, "u_m", self.u_m, ANGULAR_RANGE, "MagFace's largest margin")
+        _require(self.l_m <= self.u_m, f"need l_m <= u_m, got l_m={self.l_m}, u_m={self.u_m}")
+        _require(self.lambda_g >= 0, f"lambda_g must be >= 0, got {self.lambda_g}")
+
+    def magnitudes(self, embeddings: Tensor) -> Tensor:
+        """a_i = clamp(||x_i||, l_a, u_a), differentiable inside the range."""
+        dtype = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+        return torch.linalg.vector_norm(embeddings.to(dtype), dim=1).clamp(self.l_a, self.u_a)
+
+    def margins_from_magnitudes(self, a: Tensor) -> RowMargins:
+        """Per-row (1, m(a), 0); m keeps a's autograd history."""
+        m = self.l_m + (self.u_m - self.l_m) * (a - self.l_a) / (self.u_a - self.l_a)
+        return RowMargins(torch.ones_like(m), m, torch.zeros_like(m))
+
+    def regularizer(self, a: Tensor) -> Tensor:
+        """lambda_g g(a) per row."""
+        return self.lambda_g * (a / self.u_a**2 + 1.0 / a)
+
+    def row_margins(self, batch_size, *, device="cpu", cos_target=None, valid=None, generator=None):
+        raise ValueError("MagFace's margins are a function of the embedding norms: use margin_kernels.nn.MagFace, or "
+                         "pass margins=MagFace().margins_from_magnitudes(MagFace().magnitudes(embeddings)) to "
+                         "margin_cross_entropy (and add the regularizer yourself)")
 
 
 def target_logit(

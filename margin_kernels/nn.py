@@ -27,6 +27,7 @@ __all__ = [
     "ElasticArcFace",
     "ElasticCosFace",
     "AdaFace",
+    "MagFace",
 ]
 
 
@@ -155,3 +156,39 @@ class AdaFace(MarginSoftmaxLoss):
         return margin_cross_entropy(embeddings, self.weight, labels, spec, reduction=self.reduction,
                                     ignore_index=self.ignore_index, backend=self.backend, options=self.options,
                                     margins=row_margins)
+
+
+class MagFace(MarginSoftmaxLoss):
+    """MagFace head: ``MagFace(embedding_size, num_classes, l_a=10, u_a=110,
+    l_m=0.45, u_m=0.8, lambda_g=35, s=64.0, easy_margin=True, **kwargs)``.
+
+    The loss is the margin loss with per-row margins m(a) plus lambda_g g(a)
+    (:class:`margin_kernels.margins.MagFace`), reduced over the valid rows like
+    the loss; both terms pass their gradient through a = clamp(||x||, l_a, u_a)
+    to the embeddings. Takes raw (unnormalized) embeddings: their norm is the
+    feature magnitude.
+    """
+
+    def __init__(self, embedding_size: int, num_classes: int, l_a: float = 10.0, u_a: float = 110.0,
+                 l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0, s: float = 64.0, **kwargs) -> None:
+        margin_kwargs = {k: kwargs.pop(k) for k in ("overflow", "easy_margin", "detach_margin", "allow_any_margin")
+                         if k in kwargs}
+        spec = _margins.MagFace(s, l_a, u_a, l_m, u_m, lambda_g, **margin_kwargs)
+        super().__init__(embedding_size, num_classes, spec, **kwargs)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        spec: _margins.MagFace = self.margin
+        a = spec.magnitudes(embeddings) if isinstance(embeddings, Tensor) and embeddings.dim() == 2 else None
+        row_margins = spec.margins_from_magnitudes(a) if a is not None else None
+        self.last_margins = row_margins
+        loss = margin_cross_entropy(embeddings, self.weight, labels, spec, reduction=self.reduction,
+                                    ignore_index=self.ignore_index, backend=self.backend, options=self.options,
+                                    margins=row_margins)
+        valid = labels != self.ignore_index
+        reg = torch.where(valid, spec.regularizer(a), torch.zeros_like(a))
+        if self.reduction == "none":
+            return loss + reg.to(loss.dtype)
+        total = reg.sum()
+        if self.reduction == "mean":
+            total = total / valid.sum().clamp_min(1)
+        return loss + total.to(loss.dtype)

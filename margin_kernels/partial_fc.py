@@ -32,7 +32,7 @@ from ._shard_loss import ShardedLoss
 from ._sharding import Group, class_split
 from ._targets import geometry, prepare_targets
 from .functional import kernel_options
-from .margins import NORM_EPS, AdaFace, CombinedMargin, Margin, RowMargins
+from .margins import NORM_EPS, AdaFace, CombinedMargin, MagFace, Margin, RowMargins
 
 __all__ = ["PartialFC", "class_split", "sample_count"]
 
@@ -133,6 +133,9 @@ class PartialFC(nn.Module):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if not isinstance(margin, Margin):
             raise TypeError(f"margin must be a margin_kernels margin spec, got {type(margin).__name__}")
+        if isinstance(margin, MagFace):
+            raise ValueError("PartialFC does not take MagFace yet (its margins and regularizer need the gradient "
+                             "through the gathered embeddings' norms); use margin_kernels.nn.MagFace on one process")
         if dtype not in FUSED_DTYPES:
             raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         device = torch.device(device if device is not None else "cpu")

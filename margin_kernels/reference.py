@@ -119,3 +119,29 @@ def adaface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, mean: Tenso
     logits = torch.where(onehot, (s * target)[:, None], s * cos)
     rows = torch.where(valid, torch.logsumexp(logits, dim=1) - s * target, torch.zeros_like(target))
     return reduce_rows(rows, valid, reduction)
+
+
+def magface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = 64.0, l_a: float = 10.0,
+                 u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0,
+                 easy_margin: bool = True, reduction: str = "mean", ignore_index: int = -100) -> Tensor:
+    """MagFace written from the paper, the naive way: the full B x C cosines, the
+    target angle by arccos, m(a) linear in the clamped magnitude a (with its
+    gradient), the easy margin or the classic rule, plus lambda_g (a / u_a^2 + 1 / a)."""
+    compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    x = embeddings.to(compute)
+    cos = F.normalize(x, dim=1, eps=NORM_EPS) @ F.normalize(weight.to(compute), dim=1, eps=NORM_EPS).t()
+    a = torch.linalg.vector_norm(x, dim=1).clamp(l_a, u_a)
+    m = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    c = cos.gather(1, safe[:, None]).squeeze(1).clamp(-1.0, 1.0)
+    margined = torch.cos(torch.acos(c) + m)
+    if easy_margin:
+        target = torch.where(c > 0, margined, c)
+    else:
+        target = torch.where(torch.acos(c) + m < math.pi, margined, c - m * torch.sin(m))
+    onehot = F.one_hot(safe, weight.shape[0]).bool() & valid[:, None]
+    logits = torch.where(onehot, (s * target)[:, None], s * cos)
+    ce = torch.logsumexp(logits, dim=1) - s * target
+    rows = torch.where(valid, ce + lambda_g * (a / u_a**2 + 1.0 / a), torch.zeros_like(ce))
+    return reduce_rows(rows, valid, reduction)
