@@ -26,7 +26,7 @@ from dataclasses import asdict
 from .memory import mem_available
 from .report import (Progress, format_conclusion, format_legend, format_overheads, format_scale, format_table, mib,
                      plot, useful_tflops)
-from .steps import BASELINES, CPP_GEMMS, FLOOR, FLOORS, PEERS, TRITON_SPLIT
+from .steps import BASELINES, CPP_GEMMS, FEATURE_MARGINS, FLOOR, FLOORS, PEERS, TRITON_SPLIT
 from .worker import Case, Result, run_case, spawn
 
 SIZES = {
@@ -34,14 +34,14 @@ SIZES = {
     "default": dict(batch=512, dim=128, classes=[10_000, 40_000, 100_000]),
     "large": dict(batch=512, dim=256, classes=[50_000, 200_000, 1_000_000]),
 }
-MARGINS = ("arcface", "cosface", "none")
+MARGINS = ("arcface", "cosface", "none", "adaface", "magface")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def available_impls(device: str, margin: str) -> list[str]:
     from margin_kernels import backends
 
-    impls = ["reference", "insightface"]
+    impls = ["reference"] + ([] if margin in FEATURE_MARGINS else ["insightface"])
     if margin == "none":
         impls.append("torch-linear-ce")
     fused = [b for b in ("cpp", "triton") if backends.is_available(b) and _backend_runs_on(b, device)]
@@ -112,7 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, help="batch size B")
     p.add_argument("--dim", type=int, help="embedding size D")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--margin", choices=MARGINS, default="arcface", help="'none' adds torch's linear_cross_entropy")
+    p.add_argument("--margin", choices=MARGINS, default="arcface",
+                   help="'none' adds torch's linear_cross_entropy; adaface and magface run against their reference")
     p.add_argument("--backends", nargs="+", help=f"implementations to run (default: all available; baselines: {BASELINES}; "
                    f"with --margin none on CUDA also the peers {PEERS})")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions after the warm-up (median reported)")

@@ -16,7 +16,44 @@ PEERS = ("cce", "liger")
 def margin_spec(name: str):
     import margin_kernels as mk
 
-    return {"arcface": mk.ArcFace(), "cosface": mk.CosFace(), "none": mk.NormSoftmax()}[name]
+    return {"arcface": mk.ArcFace(), "cosface": mk.CosFace(), "none": mk.NormSoftmax(), "adaface": mk.AdaFace(),
+            "magface": mk.MagFace()}[name]
+
+
+# Margins whose per-row margins come from the embeddings (norms, statistics):
+# the fused backends run them as their heads do, the naive baseline is the
+# reference written from the paper.
+FEATURE_MARGINS = ("adaface", "magface")
+
+
+def _feature_margin_step(impl: str, margin_name: str, x, w, y):
+    import torch
+
+    import margin_kernels as mk
+    from margin_kernels import reference
+
+    spec = margin_spec(margin_name)
+    mean, std = torch.tensor(20.0, device=x.device), torch.tensor(100.0, device=x.device)
+    backend = "triton" if impl == TRITON_SPLIT else impl
+    options = mk.KernelOptions(triton_backward="split") if impl == TRITON_SPLIT else None
+    if impl == "reference":
+        if margin_name == "adaface":
+            return lambda: reference.adaface_loss(x, w, y, mean, std).backward()
+        return lambda: reference.magface_loss(x, w, y).backward()
+    if impl not in ("cpp", "triton", TRITON_SPLIT):
+        raise RuntimeError(f"{impl} has no {margin_name} loss")
+
+    def step():
+        if margin_name == "adaface":
+            margins = spec.margins_from_norms(spec.clipped_norms(x), mean, std)
+            loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, margins=margins, options=options)
+        else:
+            a = spec.magnitudes(x)
+            loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, margins=spec.margins_from_magnitudes(a),
+                                           options=options) + spec.regularizer(a).mean()
+        loss.backward()
+
+    return step
 
 
 def _insightface_step(x, w, y, margin):
@@ -47,6 +84,8 @@ def make_step(impl: str, margin_name: str, x, w, y):
     import margin_kernels as mk
 
     margin = margin_spec(margin_name)
+    if margin_name in FEATURE_MARGINS and impl not in FLOORS:
+        return _feature_margin_step(impl, margin_name, x, w, y)
     if impl in ("reference", "cpp", "triton"):
 
         def step():
