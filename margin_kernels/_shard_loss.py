@@ -117,8 +117,9 @@ class ShardedLoss(torch.autograd.Function):
     rank's (sampled) classes; every rank returns the same value."""
 
     @staticmethod
-    def forward(ctx, x_hat, weight, labels_local, targets: Targets, valid, class_index, scale, kernels, group,
-                options):
+    def forward(ctx, x_hat, weight, labels_local, target_logit, target_grad_x, target_grad_w, valid, class_index, scale,
+                kernels, group, options):
+        targets = Targets(target_logit, target_grad_x, target_grad_w)
         lse, w_inv = shard_forward(kernels, x_hat, weight, labels_local, targets, scale=scale, options=options,
                                    class_index=class_index, group=group)
         count = valid.sum().clamp_min(1).float()
@@ -130,11 +131,15 @@ class ShardedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         x_hat, weight, w_inv, labels_local, lse, valid, class_index, *target_parts = ctx.saved_tensors
+        targets = Targets(*target_parts)
         g = torch.where(valid, grad_loss / ctx.count, torch.zeros_like(lse))
         weight_grad = ctx.needs_input_grad[1]  # False for a frozen weight: no dW products, no dW memory
         # The rows' owners add the target columns' terms; dx_hat is summed over
         # ranks by the all-gather's backward.
-        dx_hat, dw = shard_backward(ctx.kernels, x_hat, weight, w_inv, labels_local, Targets(*target_parts), lse, g,
+        # The target logits are the same on every rank; their owner alone returns
+        # their gradient (margins that need one: MagFace), so the sum over ranks counts it once.
+        d_logit = target_logit_grad(targets.logit, lse, labels_local >= 0, g) if ctx.needs_input_grad[3] else None
+        dx_hat, dw = shard_backward(ctx.kernels, x_hat, weight, w_inv, labels_local, targets, lse, g,
                                     scale=ctx.scale, options=ctx.options, class_index=class_index,
                                     weight_grad=weight_grad)
         if weight_grad and class_index is not None:
@@ -147,4 +152,4 @@ class ShardedLoss(torch.autograd.Function):
                 dw = None
             else:  # rows outside the sample get a zero gradient
                 dw = torch.zeros_like(weight).index_copy_(0, class_index, dw)
-        return dx_hat, dw, None, None, None, None, None, None, None, None
+        return (dx_hat, dw, None, d_logit) + (None,) * 8

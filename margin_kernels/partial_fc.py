@@ -133,9 +133,6 @@ class PartialFC(nn.Module):
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         if not isinstance(margin, Margin):
             raise TypeError(f"margin must be a margin_kernels margin spec, got {type(margin).__name__}")
-        if isinstance(margin, MagFace):
-            raise ValueError("PartialFC does not take MagFace yet (its margins and regularizer need the gradient "
-                             "through the gathered embeddings' norms); use margin_kernels.nn.MagFace on one process")
         if dtype not in FUSED_DTYPES:
             raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
         device = torch.device(device if device is not None else "cpu")
@@ -248,9 +245,13 @@ class PartialFC(nn.Module):
             geo = geo._replace(cos=cos_sin[0], sin=cos_sin[1])
             if isinstance(self.margin, AdaFace):
                 margins = self._adaface_margins(x, valid)
-            else:
+            elif not isinstance(self.margin, MagFace):
                 margins = self._row_margins(geo.cos.float(), valid)
-            targets = prepare_targets(geo, margins, self.margin)
+        magnitudes = None
+        if isinstance(self.margin, MagFace):  # margins with their gradient, through the gathered embeddings
+            magnitudes = self.margin.magnitudes(x)
+            margins = self.margin.margins_from_magnitudes(magnitudes)
+        targets = prepare_targets(geo, margins, self.margin)
 
         class_index, labels_local = None, rows_local
         if self.sample_rate < 1.0:
@@ -258,9 +259,16 @@ class PartialFC(nn.Module):
         self.last_sampled_index = class_index
         kernels = backends.load(backends.resolve(self.backend, x.device) if self.backend == "auto" else self.backend)
         loss, _ = ShardedLoss.apply(
-            x_hat.contiguous(), self.weight, labels_local, targets, valid, class_index,
+            x_hat.contiguous(), self.weight, labels_local, *targets, valid, class_index,
             float(self.margin.s), kernels, group, self.options.resolved(),
         )
+        if magnitudes is not None:
+            # MagFace's regularizer over the global batch: every rank computes the
+            # same value from the gathered rows; each passes 1/world of its
+            # gradient, so the sum over ranks in the gather's backward counts it once.
+            reg = torch.where(valid, self.margin.regularizer(magnitudes), torch.zeros_like(magnitudes)).sum()
+            reg = reg / valid.sum().clamp_min(1)
+            loss = loss + (reg / group.size + (reg - reg / group.size).detach()).to(loss.dtype)
         return loss
 
     def _checked_sizes(self, embeddings: Tensor, labels: Tensor) -> list[int]:

@@ -7,7 +7,8 @@ import torch
 import margin_kernels as mk
 from margin_kernels import backends, reference
 
-from conftest import backend_device, rel_err
+from _dist import run_ranks
+from conftest import backend_device, rel_err, requires_cpp
 
 BACKENDS = ["cpp"] + (["triton"] if backends.is_available("triton") else [])
 
@@ -88,9 +89,57 @@ def test_bad_options(bad, match):
         mk.MagFace(**bad)
 
 
-def test_functional_form_and_partial_fc_say_what_they_need():
+def test_functional_form_says_what_it_needs():
     x, w, y = problem()
     with pytest.raises(ValueError, match="use margin_kernels.nn.MagFace"):
         mk.margin_cross_entropy(x, w, y, mk.MagFace())
-    with pytest.raises(ValueError, match="PartialFC does not take MagFace yet"):
-        mk.PartialFC(10, 37, mk.MagFace())
+
+
+def _magface_ranks(rank, world, sizes, sample_rate):
+    x, w, y = problem(b=sum(sizes), seed=5)
+    start = sum(sizes[:rank])
+    pfc = mk.PartialFC(10, 37, mk.MagFace(), sample_rate=sample_rate, generator=torch.Generator().manual_seed(rank))
+    pfc.load_state_dict({"weight": w})
+    xr = x[start : start + sizes[rank]].clone().requires_grad_(True)
+    loss = pfc(xr, torch.where(y == -100, -1, y)[start : start + sizes[rank]])
+    loss.backward()
+    return dict(loss=loss.detach(), dx=xr.grad, dw=pfc.weight.grad, start=pfc.class_start, count=pfc.num_local,
+                index=pfc.last_sampled_index)
+
+
+def magface_reference(sizes, classes=None):
+    x, w, y = problem(b=sum(sizes), seed=5)
+    if classes is not None:  # the softmax over the sampled classes only
+        remap = torch.full((w.shape[0],), -1, dtype=torch.long)
+        remap[classes] = torch.arange(classes.numel())
+        y = torch.where(y >= 0, remap[y.clamp_min(0)], y)
+        w = w[classes]
+    xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    ref = reference.magface_loss(xr, wr, y)
+    ref.backward()
+    return ref.detach(), xr.grad, wr.grad
+
+
+@requires_cpp
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_partial_fc_one_process(sample_rate):
+    r = _magface_ranks(0, 1, [19], sample_rate)
+    classes = None if sample_rate == 1.0 else r["index"]
+    loss, dx, dw = magface_reference([19], classes)
+    assert rel_err(r["loss"], loss) < 1e-5 and rel_err(r["dx"], dx) < 1e-5
+    got_dw = r["dw"] if classes is None else r["dw"][classes]
+    assert rel_err(got_dw, dw) < 1e-5
+
+
+@requires_cpp
+@pytest.mark.slow
+def test_partial_fc_two_ranks(tmp_path):
+    """Margins and regularizer over the global batch, each gradient counted once."""
+    sizes = [8, 11]
+    results = run_ranks(_magface_ranks, 2, sizes, 1.0, outdir=str(tmp_path))
+    loss, dx, dw = magface_reference(sizes)
+    for rank, r in enumerate(results):
+        start = sum(sizes[:rank])
+        assert rel_err(r["loss"], loss) < 1e-5
+        assert rel_err(r["dx"], dx[start : start + sizes[rank]]) < 1e-5
+        assert rel_err(r["dw"], dw[r["start"] : r["start"] + r["count"]]) < 1e-5
