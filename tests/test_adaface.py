@@ -150,3 +150,15 @@ def test_partial_fc_uses_global_statistics(tmp_path):
         start = sum(sizes[:rank])
         assert rel_err(r["dx"], xr.grad[start : start + sizes[rank]]) < 1e-5
         assert rel_err(r["dw"], wr.grad[r["start"] : r["start"] + r["count"]]) < 1e-5
+
+
+def test_compiles_fullgraph():
+    def loss_fn(x, w, y):
+        margins = SPEC.margins_from_norms(SPEC.clipped_norms(x), torch.tensor(25.0), torch.tensor(14.0))
+        return mk.margin_cross_entropy(x, w, y, SPEC, backend="cpp", margins=margins)
+
+    x, w, y = problem()
+    x.requires_grad_(True)
+    eager = torch.autograd.grad(loss_fn(x, w, y), x)[0]
+    compiled = torch.autograd.grad(torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(x, w, y), x)[0]
+    assert rel_err(compiled, eager) < 1e-5

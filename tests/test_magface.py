@@ -143,3 +143,20 @@ def test_partial_fc_two_ranks(tmp_path):
         assert rel_err(r["loss"], loss) < 1e-5
         assert rel_err(r["dx"], dx[start : start + sizes[rank]]) < 1e-5
         assert rel_err(r["dw"], dw[r["start"] : r["start"] + r["count"]]) < 1e-5
+
+
+def test_compiles_fullgraph_with_margins_that_need_a_gradient():
+    spec = mk.MagFace()
+
+    def loss_fn(x, w, y):
+        a = spec.magnitudes(x)
+        return (mk.margin_cross_entropy(x, w, y, spec, backend="cpp", margins=spec.margins_from_magnitudes(a))
+                + spec.regularizer(a).mean())
+
+    x, w, y = problem()
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    eager = torch.autograd.grad(loss_fn(x, w, y), (x, w))
+    compiled = torch.autograd.grad(torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(x, w, y), (x, w))
+    for a, b in zip(compiled, eager):
+        assert rel_err(a, b) < 1e-5
