@@ -74,16 +74,6 @@ def check_args(embeddings: Tensor, weight: Tensor, labels: Tensor, margin: Margi
         )
 
 
-def check_workspace(workspace_bytes: object) -> None:
-    """None (the default budget) or a positive int of bytes."""
-    if workspace_bytes is None:
-        return
-    if isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int):
-        raise TypeError(f"workspace_bytes must be a positive int (bytes) or None, got {workspace_bytes!r}")
-    if workspace_bytes < 1:
-        raise ValueError(f"workspace_bytes must be >= 1, got {workspace_bytes}")
-
-
 def check_margins(margins: object, batch: int, device: torch.device) -> RowMargins:
     """Per-row margins given by the caller: a RowMargins (or 3-tuple) of 1-D
     floating tensors of length B on the embeddings' device, finite; returned as

@@ -134,10 +134,9 @@ class ShardedLoss(torch.autograd.Function):
         targets = Targets(*target_parts)
         g = torch.where(valid, grad_loss / ctx.count, torch.zeros_like(lse))
         weight_grad = ctx.needs_input_grad[1]  # False for a frozen weight: no dW products, no dW memory
-        # The rows' owners add the target columns' terms; dx_hat is summed over
-        # ranks by the all-gather's backward.
-        # The target logits are the same on every rank; their owner alone returns
-        # their gradient (margins that need one: MagFace), so the sum over ranks counts it once.
+        # The rows' owners add the target columns' terms and return the target
+        # logits' gradient (margins that need one: MagFace); the all-gather's
+        # backward sums over ranks, counting each once.
         d_logit = target_logit_grad(targets.logit, lse, labels_local >= 0, g) if ctx.needs_input_grad[3] else None
         dx_hat, dw = shard_backward(ctx.kernels, x_hat, weight, w_inv, labels_local, targets, lse, g,
                                     scale=ctx.scale, options=ctx.options, class_index=class_index,

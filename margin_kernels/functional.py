@@ -8,23 +8,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, reference
-from ._checks import FUSED_DTYPES, check_args, check_margins, check_values, check_workspace
+from ._checks import FUSED_DTYPES, check_args, check_margins, check_values
 from ._ops import _labels_local  # also registers the margin_kernels:: custom ops
 from ._shard_loss import SinglePassLoss
 from ._targets import geometry, prepare_targets
 from .margins import NORM_EPS, Margin, RowMargins
 
-__all__ = ["margin_cross_entropy", "draw_margins", "target_cosine"]
-
-
-def target_cosine(x_hat: Tensor, weight: Tensor, labels: Tensor) -> Tensor:
-    """cos(x_i, w_{labels_i}) per row, from a gather of B weight rows (no grad).
-
-    Labels must already be valid row indices of ``weight``.
-    """
-    with torch.no_grad():
-        w_rows = F.normalize(weight.index_select(0, labels).float(), dim=1, eps=NORM_EPS)
-        return (x_hat.detach().float() * w_rows).sum(dim=1)
+__all__ = ["margin_cross_entropy", "draw_margins"]
 
 
 def draw_margins(
@@ -39,14 +29,13 @@ def draw_margins(
     """The per-row (m1, m2, m3) that ``margin_cross_entropy`` would use for this batch.
 
     Sorted elastic margins need the rows' target cosines; they are computed
-    here from a gather of B weight rows.
+    here from a gather of B weight rows, as margin_cross_entropy does.
     """
     valid = labels != ignore_index
     cos_y = None
     if margin.needs_target_cosine:
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
-        x_hat = F.normalize(embeddings.detach().float(), dim=1, eps=NORM_EPS)
-        cos_y = target_cosine(x_hat, weight, safe_labels)
+        cos_y = geometry(embeddings, weight.index_select(0, safe_labels)).cos.float()
     return margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=cos_y, valid=valid, generator=generator)
 
 
@@ -146,8 +135,8 @@ def margin_cross_entropy(
 
 
 def kernel_options(options: backends.KernelOptions | None, workspace_bytes: int | None) -> backends.KernelOptions:
-    """The options of a call: ``options``, with the ``workspace_bytes`` shorthand in."""
-    check_workspace(workspace_bytes)
+    """The options of a call: ``options``, with the ``workspace_bytes`` shorthand
+    in (KernelOptions validates it)."""
     if options is None:
         return backends.KernelOptions(workspace_bytes=workspace_bytes)
     if not isinstance(options, backends.KernelOptions):

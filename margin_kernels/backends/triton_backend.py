@@ -167,10 +167,6 @@ def supports_fused(weight: Tensor) -> bool:
     return False
 
 
-def prefers_fused(weight: Tensor, batch: int, options) -> bool:
-    return False
-
-
 def chunk_classes(c: int, d: int, weight_dtype: torch.dtype, workspace_bytes: int) -> int:
     """Classes per backward launch. fp32 weights accumulate straight into dW (one
     launch); bf16/fp16 weights accumulate in an fp32 scratch of at most
