@@ -34,7 +34,7 @@ from triton.compiler import ASTSource
 from margin_kernels.backends import triton_kernels as K
 
 _POINTERS = {"W_INV": "*fp32", "LABELS": "*i64", "TARGET": "*fp32", "CLASS_INDEX": "*i64", "PART_MAX": "*fp32",
-             "PART_SUM": "*fp32", "SLOPE": "*fp32", "LSE": "*fp32", "GRAD": "*fp32", "DX": "*fp32", "DW": "*fp32",
+             "PART_SUM": "*fp32", "HARD": "*fp32", "LSE": "*fp32", "GRAD": "*fp32", "DX": "*fp32", "DW": "*fp32",
              "G": "*fp32"}
 _SCALARS = {"B": "i32", "C": "i32", "D": "i32", "stride_x": "i32", "stride_w": "i32", "scale": "fp32",
             "B_BUCKET": "i32", "C_BUCKET": "i32", "eps": "fp32"}
@@ -116,13 +116,14 @@ def compile_one(kind, kernel, meta, warps, stages, arch: int, dtype: str, has_in
     elif kind == "norm":
         types["OUT"] = "*fp32"
     signature = {a: types.get(a, "constexpr") for a in fn.arg_names}
-    consts = {"HAS_INDEX": has_index, "UPCAST": False, "IEEE": dtype == "fp32", "SCALE": dtype == "fp16", "WITH_DW": True,
+    # the variant with a class index also takes CurricularFace's hard negatives
+    consts = {"HAS_INDEX": has_index, "HAS_HARD": has_index, "UPCAST": False, "IEEE": dtype == "fp32", "SCALE": dtype == "fp16", "WITH_DW": True,
               **meta}
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if types.get(a, "").startswith("*") or a in _DIVISIBLE_BY_16}
     row = {"kernel": kind, "config": meta, "warps": warps, "stages": stages, "arch": arch, "dtype": dtype,
-           "class_index": has_index}
+           "class_index": has_index, "hard": has_index}
     try:
         k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})

@@ -55,6 +55,16 @@ int64_t checked_classes(const at::Tensor& weight, const c10::optional<at::Tensor
   return index.numel();
 }
 
+// CurricularFace's [2, B] float32 (thresholds, t) beside x_hat, when given.
+void check_hard(const c10::optional<at::Tensor>& hard, const at::Tensor& x_hat) {
+  if (!hard.has_value()) return;
+  const at::Tensor& h = *hard;
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == 2 && h.size(1) == x_hat.size(0),
+              "hard must be a [2, B] matrix (thresholds, t) with B = ", x_hat.size(0), ", got shape ", h.sizes());
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.device() == x_hat.device(),
+              "hard must be contiguous float32 on x_hat's device");
+}
+
 void check_rows(const at::Tensor& x_hat, std::initializer_list<std::pair<const char*, const at::Tensor*>> vs) {
   for (const auto& [name, t] : vs) check_vector(name, *t, x_hat.size(0), at::kFloat, x_hat);
 }
@@ -84,59 +94,55 @@ at::Tensor row_inv_norms(const at::Tensor& weight, double eps) {
 at::Tensor lse_forward(const at::Tensor& x_hat, const at::Tensor& weight,
                        const at::Tensor& w_inv, const at::Tensor& labels_local,
                        const at::Tensor& target_logit, double scale, int64_t block_classes,
-                       const c10::optional<at::Tensor>& class_index) {
+                       const c10::optional<at::Tensor>& class_index,
+                       const c10::optional<at::Tensor>& hard) {
   check_layout(x_hat, weight, labels_local);
   const int64_t classes = checked_classes(weight, class_index, x_hat);
   check_vector("w_inv", w_inv, classes, at::kFloat, x_hat);
   check_rows(x_hat, {{"target_logit", &target_logit}});
+  check_hard(hard, x_hat);
   TORCH_CHECK(block_classes >= 1, "block_classes must be >= 1, got ", block_classes);
 #ifdef MK_WITH_CUDA
   if (x_hat.is_cuda())
     return margin_kernels::cuda::lse_forward(x_hat, weight, w_inv, labels_local, target_logit, scale,
-                                             block_classes, class_index);
+                                             block_classes, class_index, hard);
 #endif
   return margin_kernels::lse_forward(x_hat, weight, w_inv, labels_local, target_logit,
-                                     scale, block_classes, class_index);
+                                     scale, block_classes, class_index, hard);
 }
 
 std::tuple<at::Tensor, at::Tensor> lse_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
-    const at::Tensor& labels_local, const at::Tensor& target_logit,
-    const at::Tensor& target_slope, const at::Tensor& lse, const at::Tensor& grad_rows,
+    const at::Tensor& labels_local, const at::Tensor& lse, const at::Tensor& grad_rows,
     double scale, int64_t block_classes, const c10::optional<at::Tensor>& class_index,
-    bool weight_grad) {
+    const c10::optional<at::Tensor>& hard, bool weight_grad) {
   check_layout(x_hat, weight, labels_local);
   const int64_t classes = checked_classes(weight, class_index, x_hat);
   check_vector("w_inv", w_inv, classes, at::kFloat, x_hat);
-  check_rows(x_hat, {{"target_logit", &target_logit}, {"target_slope", &target_slope}, {"lse", &lse},
-                     {"grad_rows", &grad_rows}});
+  check_rows(x_hat, {{"lse", &lse}, {"grad_rows", &grad_rows}});
+  check_hard(hard, x_hat);
   TORCH_CHECK(block_classes >= 1, "block_classes must be >= 1, got ", block_classes);
 #ifdef MK_WITH_CUDA
   if (x_hat.is_cuda())
-    return margin_kernels::cuda::lse_backward(x_hat, weight, w_inv, labels_local, target_logit,
-                                              target_slope, lse, grad_rows, scale, block_classes,
-                                              class_index, weight_grad);
+    return margin_kernels::cuda::lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, scale,
+                                              block_classes, class_index, hard, weight_grad);
 #endif
-  return margin_kernels::lse_backward(x_hat, weight, w_inv, labels_local, target_logit,
-                                      target_slope, lse, grad_rows, scale, block_classes,
-                                      class_index, weight_grad);
+  return margin_kernels::lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, scale,
+                                      block_classes, class_index, hard, weight_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& target_logit,
-    const at::Tensor& target_slope, const at::Tensor& grad_rows, double scale,
-    int64_t block_rows) {
+    const at::Tensor& grad_rows, double scale, int64_t block_rows) {
   check_layout(x_hat, weight, labels_local);
   TORCH_CHECK(x_hat.device().is_cpu(), "fused_forward_backward runs on the CPU only");
   TORCH_CHECK(weight.scalar_type() == at::kFloat, "fused_forward_backward takes float32 weights only");
   check_vector("w_inv", w_inv, weight.size(0), at::kFloat, x_hat);
-  check_rows(x_hat, {{"target_logit", &target_logit}, {"target_slope", &target_slope},
-                     {"grad_rows", &grad_rows}});
+  check_rows(x_hat, {{"target_logit", &target_logit}, {"grad_rows", &grad_rows}});
   TORCH_CHECK(block_rows >= 1, "block_rows must be >= 1, got ", block_rows);
   return margin_kernels::fused_forward_backward(x_hat, weight, w_inv, labels_local,
-                                                target_logit, target_slope, grad_rows,
-                                                scale, block_rows);
+                                                target_logit, grad_rows, scale, block_rows);
 }
 
 }  // namespace
@@ -148,12 +154,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lse_forward", &lse_forward, "class-blocked forward: per-row logsumexp",
         py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),
         py::arg("target_logit"), py::arg("scale"), py::arg("block_classes"),
-        py::arg("class_index") = py::none());
+        py::arg("class_index") = py::none(), py::arg("hard") = py::none());
   m.def("lse_backward", &lse_backward, "class-blocked backward: (dx_hat, dW)",
         py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),
-        py::arg("target_logit"), py::arg("target_slope"), py::arg("lse"), py::arg("grad_rows"),
-        py::arg("scale"), py::arg("block_classes"), py::arg("class_index") = py::none(),
-        py::arg("weight_grad") = true);
+        py::arg("lse"), py::arg("grad_rows"), py::arg("scale"), py::arg("block_classes"),
+        py::arg("class_index") = py::none(), py::arg("hard") = py::none(), py::arg("weight_grad") = true);
   m.def("fused_forward_backward", &fused_forward_backward,
         "row-chunked single-shard sweep: (lse, dx_hat, dW) in three GEMMs");
 }

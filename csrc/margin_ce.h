@@ -16,24 +16,27 @@
   /* `class_index` (optional, int64 [K]): the shard's classes are the rows                   \
      weight[class_index]; per-class inputs (w_inv) and outputs (dW) then have K              \
      rows, and labels_local count positions in the index.                                    \
+     `hard` (optional, float32 [2, B]: thresholds, then t): CurricularFace's hard             \
+     negatives, a non-target cosine c > threshold[i] counts as c (t[i] + c).                 \
      Sweeps class blocks of `block_classes` and returns the shard's logsumexp per            \
      row. Column `labels_local[i]` (when >= 0) takes `target_logit[i]` instead of            \
      s * cos. Never holds more than B x block_classes logits. */                             \
   at::Tensor lse_forward(const at::Tensor& x_hat, const at::Tensor& weight,                  \
                          const at::Tensor& w_inv, const at::Tensor& labels_local,            \
                          const at::Tensor& target_logit, double scale, int64_t block_classes, \
-                         const c10::optional<at::Tensor>& class_index);                      \
+                         const c10::optional<at::Tensor>& class_index,                       \
+                         const c10::optional<at::Tensor>& hard);                             \
                                                                                              \
   /* Recomputes each class block and returns (dx_hat float32 [B, D], dW [C, D] in            \
-     weight's dtype), for row weights `grad_rows` and the global `lse`. Without              \
+     weight's dtype), for row weights `grad_rows` and the global `lse`, without the          \
+     target columns' share (added by the caller, docs/DESIGN.md §1). Without                 \
      `weight_grad` (a weight that needs no gradient) dW is [0, D] and its GEMM is            \
      skipped. */                                                                             \
   std::tuple<at::Tensor, at::Tensor> lse_backward(                                           \
       const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,            \
-      const at::Tensor& labels_local, const at::Tensor& target_logit,                        \
-      const at::Tensor& target_slope, const at::Tensor& lse, const at::Tensor& grad_rows,    \
+      const at::Tensor& labels_local, const at::Tensor& lse, const at::Tensor& grad_rows,    \
       double scale, int64_t block_classes, const c10::optional<at::Tensor>& class_index,     \
-      bool weight_grad);
+      const c10::optional<at::Tensor>& hard, bool weight_grad);
 
 namespace margin_kernels {
 
@@ -41,12 +44,11 @@ MK_DECLARE_KERNEL_INTERFACE
 
 // Single-shard shortcut (CPU only): sweeps chunks of `block_rows` rows over all
 // classes and returns (lse, dx_hat, dW) for row weights `grad_rows` in one pass
-// of three GEMMs. float32 weights only.
+// of three GEMMs, without the target columns' share. float32 weights only.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& target_logit,
-    const at::Tensor& target_slope, const at::Tensor& grad_rows, double scale,
-    int64_t block_rows);
+    const at::Tensor& grad_rows, double scale, int64_t block_rows);
 
 #ifdef MK_WITH_CUDA
 // cuBLAS blocks through ATen plus the epilogue kernels of csrc/cuda/epilogue.cu.

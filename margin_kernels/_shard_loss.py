@@ -19,8 +19,10 @@ from ._targets import Targets, add_target_gradients, target_logit_grad
 
 
 def shard_forward(kernels, x_hat: Tensor, weight: Tensor, labels_local: Tensor, targets: Targets, *, scale: float,
-                  options, class_index: Tensor | None = None, group: Group | None = None) -> tuple[Tensor, Tensor]:
+                  options, class_index: Tensor | None = None, hard: Tensor | None = None,
+                  group: Group | None = None) -> tuple[Tensor, Tensor]:
     """(logsumexp per row over every shard's classes, 1/||w_j|| of this shard).
+    ``hard``: CurricularFace's [2, B] (thresholds, t), or None.
 
     Without ``group`` a bad weight row raises here; with one, each rank's flag
     travels in the SUM all-reduce of the logsumexp, so a bad shard raises on
@@ -29,7 +31,7 @@ def shard_forward(kernels, x_hat: Tensor, weight: Tensor, labels_local: Tensor, 
     if group is None:
         check_weight_norms(w_inv, weight, class_index)
     lse = kernels.lse_forward(x_hat, weight, w_inv, labels_local, targets.logit, scale=scale, options=options,
-                              class_index=class_index)
+                              class_index=class_index, hard=hard)
     if group is None:
         return lse, w_inv
     row_max = group.all_reduce(lse.clone(), "max")
@@ -45,13 +47,13 @@ def shard_forward(kernels, x_hat: Tensor, weight: Tensor, labels_local: Tensor, 
 
 def shard_backward(kernels, x_hat: Tensor, weight: Tensor, w_inv: Tensor, labels_local: Tensor, targets: Targets,
                    lse: Tensor, grad_rows: Tensor, *, scale: float, options, class_index: Tensor | None = None,
-                   weight_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+                   hard: Tensor | None = None, weight_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """(d/dx_hat, d/dW of this shard, None without ``weight_grad``) for per-row
-    upstream gradients ``grad_rows`` (zero for ignored rows). The kernels see a
-    zero slope; the target columns' exact gradient is added by ``_targets``."""
+    upstream gradients ``grad_rows`` (zero for ignored rows). The kernels leave
+    the target columns out; their exact gradient is added by ``_targets``."""
     dx_hat, dw = kernels.lse_backward(
-        x_hat, weight, w_inv, labels_local, targets.logit, torch.zeros_like(lse), lse, grad_rows, scale=scale,
-        options=options, class_index=class_index, weight_grad=weight_grad,
+        x_hat, weight, w_inv, labels_local, lse, grad_rows, scale=scale, options=options, class_index=class_index,
+        hard=hard, weight_grad=weight_grad,
     )
     add_target_gradients(dx_hat, dw, targets, labels_local, lse, grad_rows, w_inv)
     return dx_hat, dw
@@ -83,8 +85,7 @@ class SinglePassLoss(torch.autograd.Function):
         w_inv = kernels.row_inv_norms(weight)
         check_weight_norms(w_inv, weight)
         lse, dx_hat, dw = kernels.fused_forward_backward(
-            x_hat, weight, w_inv, labels_local, targets.logit, torch.zeros_like(targets.logit), row_scale, scale=scale,
-            options=options,
+            x_hat, weight, w_inv, labels_local, targets.logit, row_scale, scale=scale, options=options,
         )
         add_target_gradients(dx_hat, dw, targets, labels_local, lse, row_scale, w_inv)
         loss = (row_scale * (lse - targets.logit)).sum()
@@ -117,20 +118,20 @@ class ShardedLoss(torch.autograd.Function):
     rank's (sampled) classes; every rank returns the same value."""
 
     @staticmethod
-    def forward(ctx, x_hat, weight, labels_local, target_logit, target_grad_x, target_grad_w, valid, class_index, scale,
-                kernels, group, options):
+    def forward(ctx, x_hat, weight, labels_local, target_logit, target_grad_x, target_grad_w, valid, class_index, hard,
+                scale, kernels, group, options):
         targets = Targets(target_logit, target_grad_x, target_grad_w)
         lse, w_inv = shard_forward(kernels, x_hat, weight, labels_local, targets, scale=scale, options=options,
-                                   class_index=class_index, group=group)
+                                   class_index=class_index, hard=hard, group=group)
         count = valid.sum().clamp_min(1).float()
         loss = torch.where(valid, lse - targets.logit, torch.zeros_like(lse)).sum() / count
-        ctx.save_for_backward(x_hat, weight, w_inv, labels_local, lse, valid, class_index, *targets)
+        ctx.save_for_backward(x_hat, weight, w_inv, labels_local, lse, valid, class_index, hard, *targets)
         ctx.scale, ctx.kernels, ctx.options, ctx.count = scale, kernels, options, count
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        x_hat, weight, w_inv, labels_local, lse, valid, class_index, *target_parts = ctx.saved_tensors
+        x_hat, weight, w_inv, labels_local, lse, valid, class_index, hard, *target_parts = ctx.saved_tensors
         targets = Targets(*target_parts)
         g = torch.where(valid, grad_loss / ctx.count, torch.zeros_like(lse))
         weight_grad = ctx.needs_input_grad[1]  # False for a frozen weight: no dW products, no dW memory
@@ -139,7 +140,7 @@ class ShardedLoss(torch.autograd.Function):
         # backward sums over ranks, counting each once.
         d_logit = target_logit_grad(targets.logit, lse, labels_local >= 0, g) if ctx.needs_input_grad[3] else None
         dx_hat, dw = shard_backward(ctx.kernels, x_hat, weight, w_inv, labels_local, targets, lse, g,
-                                    scale=ctx.scale, options=ctx.options, class_index=class_index,
+                                    scale=ctx.scale, options=ctx.options, class_index=class_index, hard=hard,
                                     weight_grad=weight_grad)
         if weight_grad and class_index is not None:
             if weight.is_leaf:
@@ -151,4 +152,4 @@ class ShardedLoss(torch.autograd.Function):
                 dw = None
             else:  # rows outside the sample get a zero gradient
                 dw = torch.zeros_like(weight).index_copy_(0, class_index, dw)
-        return (dx_hat, dw, None, d_logit) + (None,) * 8
+        return (dx_hat, dw, None, d_logit) + (None,) * 9

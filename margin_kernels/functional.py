@@ -12,7 +12,7 @@ from ._checks import FUSED_DTYPES, check_args, check_margins, check_values
 from ._ops import _labels_local  # also registers the margin_kernels:: custom ops
 from ._shard_loss import SinglePassLoss
 from ._targets import geometry, prepare_targets
-from .margins import NORM_EPS, Margin, RowMargins
+from .margins import NORM_EPS, CurricularFace, Margin, RowMargins
 
 __all__ = ["margin_cross_entropy", "draw_margins"]
 
@@ -32,11 +32,17 @@ def draw_margins(
     here from a gather of B weight rows, as margin_cross_entropy does.
     """
     valid = labels != ignore_index
-    cos_y = None
-    if margin.needs_target_cosine:
-        safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
-        cos_y = geometry(embeddings, weight.index_select(0, safe_labels)).cos.float()
+    cos_y = target_cosines(embeddings, weight, labels, ignore_index) if margin.needs_target_cosine else None
     return margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=cos_y, valid=valid, generator=generator)
+
+
+def target_cosines(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """cos(x_i, w_{y_i}) per row, float32, from the same float64 geometry as the
+    fused path (0 for ignored rows; labels are clamped into range, the loss
+    itself rejects bad ones)."""
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
+    return geometry(embeddings, weight.index_select(0, safe_labels), mask=valid).cos.float()
 
 
 def margin_cross_entropy(
@@ -53,6 +59,7 @@ def margin_cross_entropy(
     workspace_bytes: int | None = None,
     margins: RowMargins | None = None,
     options: backends.KernelOptions | None = None,
+    curriculum_t: Tensor | float | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Margin-softmax cross-entropy of ``embeddings`` against class ``weight``.
 
@@ -79,12 +86,16 @@ def margin_cross_entropy(
         options: how the fused kernels run (:class:`margin_kernels.backends.KernelOptions`:
             workspace, the Triton backward, TF32); defaults read from the
             environment at call time.
+        curriculum_t: CurricularFace's t for this step (required with a
+            ``CurricularFace`` margin, and only there); used as given, the
+            caller updates it (:class:`margin_kernels.nn.CurricularFace` does).
 
     Returns:
         The loss (a scalar, or [B] for ``reduction="none"``) in float32, and the
         [B] logsumexp if ``return_lse``.
     """
     check_args(embeddings, weight, labels, margin, reduction)
+    curriculum_t = _check_curriculum_t(margin, curriculum_t, embeddings.device)
     options = kernel_options(options, workspace_bytes)
     if margins is not None:
         margins = check_margins(margins, labels.shape[0], embeddings.device)
@@ -96,19 +107,22 @@ def margin_cross_entropy(
         check_values(embeddings, weight if name == "reference" else None, labels, ignore_index,
                      num_classes=weight.shape[0])
 
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
+    geo = geometry(embeddings, weight.index_select(0, safe_labels))
+    hard = None if curriculum_t is None else margin.hard_rule(geo.cos, geo.sin, curriculum_t, valid)
+
     if name == "reference":
         flags = dict(overflow=margin.overflow, easy_margin=margin.easy_margin, detach_margin=margin.detach_margin)
         if margins is None:
             margins = draw_margins(embeddings, weight, labels, margin, ignore_index=ignore_index, generator=generator)
         loss, lse = reference.margin_cross_entropy(
-            embeddings, weight, labels, margins, s=margin.s, reduction=reduction, ignore_index=ignore_index, **flags
+            embeddings, weight, labels, margins, s=margin.s, reduction=reduction, ignore_index=ignore_index,
+            hard=hard, **flags
         )
         return (loss, lse) if return_lse else loss
 
-    valid = labels != ignore_index
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
     x_hat = F.normalize(embeddings.float(), dim=1, eps=NORM_EPS)
-    geo = geometry(embeddings, weight.index_select(0, safe_labels))
     if margins is None:  # as draw_margins, reusing the target cosines computed here
         margins = margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=geo.cos.float(),
                                      valid=valid, generator=generator)
@@ -116,7 +130,7 @@ def margin_cross_entropy(
     kernels = backends.load(name)
     options = options.resolved()
 
-    if _can_fuse(kernels, weight, reduction, compiling, labels.shape[0], options):
+    if hard is None and _can_fuse(kernels, weight, reduction, compiling, labels.shape[0], options):
         labels_local = _labels_local(labels, ignore_index)
         row_scale = valid.float()
         if reduction == "mean":
@@ -126,12 +140,32 @@ def margin_cross_entropy(
         )
     else:
         rows, lse, _ = torch.ops.margin_kernels.margin_ce_rows(
-            x_hat.contiguous(), weight.contiguous(), labels, targets.logit, targets.grad_x, targets.grad_w,
+            x_hat.contiguous(), weight.contiguous(), labels, targets.logit, targets.grad_x, targets.grad_w, hard,
             float(margin.s), int(ignore_index), name, options.workspace_bytes, options.triton_backward, options.tf32,
             compiling,
         )
         loss = reference.reduce_rows(rows, valid, reduction)
     return (loss, lse) if return_lse else loss
+
+
+def _check_curriculum_t(margin: Margin, t: Tensor | float | None, device: torch.device) -> Tensor | None:
+    """CurricularFace's t as a float32 0-d tensor on ``device``; None elsewhere."""
+    if not isinstance(margin, CurricularFace):
+        if t is not None:
+            raise ValueError(f"curriculum_t is CurricularFace's; got it with {type(margin).__name__}")
+        return None
+    if t is None:
+        raise ValueError("CurricularFace needs its running t: use margin_kernels.nn.CurricularFace (which keeps it), "
+                         "or pass curriculum_t= (0.0 at the start of training)")
+    if isinstance(t, bool) or not isinstance(t, (int, float, Tensor)):
+        raise TypeError(f"curriculum_t must be a float or a 0-d tensor, got {type(t).__name__}")
+    t = torch.as_tensor(t, dtype=torch.float32)
+    if t.numel() != 1:
+        raise ValueError(f"curriculum_t must be a scalar, got shape {tuple(t.shape)}")
+    # (a CUDA tensor is not read back: that would cost a host sync per step)
+    if t.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(t)):
+        raise ValueError(f"curriculum_t must be finite, got {t.item()}")
+    return t.reshape(()).to(device)
 
 
 def kernel_options(options: backends.KernelOptions | None, workspace_bytes: int | None) -> backends.KernelOptions:

@@ -29,6 +29,7 @@ __all__ = [
     "ElasticCosFace",
     "AdaFace",
     "MagFace",
+    "CurricularFace",
     "target_logit",
 ]
 
@@ -389,6 +390,54 @@ class MagFace(Margin):
         raise ValueError("MagFace's margins are a function of the embedding norms: use margin_kernels.nn.MagFace, or "
                          "pass margins=MagFace().margins_from_magnitudes(MagFace().magnitudes(embeddings)) to "
                          "margin_cross_entropy (and add the regularizer yourself)")
+
+
+@dataclass(frozen=True)
+class CurricularFace(Margin):
+    """CurricularFace (Huang et al., CVPR 2020): ArcFace's target (with the
+    classic overflow rule) and hard negatives weighted by the training's progress.
+
+    A non-target cosine c of row i above c_m,i = cos(theta_i + m) (the plain
+    formula, strict >) counts as c (t + c), with derivative t + 2c (t detached);
+    t is an exponential moving average of the valid rows' target cosines,
+    t <- momentum mean(cos theta_y) + (1 - momentum) t, starting at 0 and updated
+    with each training batch before its modulation. The running t is state:
+    :class:`margin_kernels.nn.CurricularFace` keeps it as a buffer; the
+    functional form takes it as ``curriculum_t``. Defaults are the official
+    training's (m=0.5, s=64, momentum 0.01).
+    """
+
+    m: float = 0.5
+    momentum: float = 0.01
+
+    INITIAL_T: ClassVar[float] = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _margin_range(self, "m", self.m, ANGULAR_RANGE, "an additive angular margin")
+        _finite("momentum", self.momentum)
+        _require(0 < self.momentum <= 1, f"momentum must be in (0, 1], got {self.momentum}")
+
+    def fixed_triple(self) -> tuple[float, float, float]:
+        return 1.0, float(self.m), 0.0
+
+    def updated_t(self, t: Tensor, cos_target: Tensor, valid: Tensor) -> Tensor:
+        """t after a batch: the EMA of the valid rows' target cosines, on the
+        device (no host sync); a batch without a valid row leaves it alone."""
+        keep = valid.to(cos_target.dtype)
+        count = keep.sum()
+        batch_mean = (cos_target * keep).sum() / count.clamp_min(1)
+        new_t = torch.where(count >= 1, self.momentum * batch_mean + (1 - self.momentum) * t, t)
+        return new_t.to(t.dtype)
+
+    def hard_rule(self, cos_target: Tensor, sin_target: Tensor, t: Tensor, valid: Tensor) -> Tensor:
+        """The kernels' [2, B] float32: each row's threshold c_m = cos(theta + m)
+        = c cos m - sin(theta) sin m (+inf for ignored rows: nothing is hard
+        there), then t for every row."""
+        c, sin = cos_target.double(), sin_target.double()
+        threshold = c * math.cos(self.m) - sin * math.sin(self.m)
+        threshold = torch.where(valid, threshold, torch.full_like(threshold, math.inf))
+        return torch.stack([threshold.float(), t.detach().float().expand_as(threshold)]).contiguous()
 
 
 def target_logit(

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import margins as _margins
 from .backends import KernelOptions
-from .functional import draw_margins, kernel_options, margin_cross_entropy
+from .functional import draw_margins, kernel_options, margin_cross_entropy, target_cosines
 from .margins import Margin, RowMargins
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "ElasticCosFace",
     "AdaFace",
     "MagFace",
+    "CurricularFace",
 ]
 
 
@@ -192,3 +193,41 @@ class MagFace(MarginSoftmaxLoss):
         if self.reduction == "mean":
             total = total / valid.sum().clamp_min(1)
         return loss + total.to(loss.dtype)
+
+
+class CurricularFace(MarginSoftmaxLoss):
+    """CurricularFace head: ``CurricularFace(embedding_size, num_classes, m=0.5,
+    s=64.0, momentum=0.01, **kwargs)``.
+
+    Keeps the running t (the EMA of the target cosines, starting at 0) as the
+    buffer ``t`` (in ``state_dict``). In training, each forward first updates it
+    with the batch's valid rows, then modulates the hard negatives with it
+    (:class:`margin_kernels.margins.CurricularFace`); in eval mode it stays as
+    it is. A call that raises leaves it untouched.
+    """
+
+    t: Tensor
+
+    def __init__(self, embedding_size: int, num_classes: int, m: float = 0.5, s: float = 64.0,
+                 momentum: float = 0.01, **kwargs) -> None:
+        margin_kwargs = {k: kwargs.pop(k) for k in ("overflow", "easy_margin", "detach_margin", "allow_any_margin")
+                         if k in kwargs}
+        spec = _margins.CurricularFace(s, m, momentum, **margin_kwargs)
+        super().__init__(embedding_size, num_classes, spec, **kwargs)
+        self.register_buffer("t", torch.tensor(spec.INITIAL_T, device=self.weight.device))
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        spec: _margins.CurricularFace = self.margin
+        t = self.t
+        if self.training and isinstance(embeddings, Tensor) and isinstance(labels, Tensor) \
+                and embeddings.dim() == 2 and embeddings.shape[1] == self.weight.shape[1] \
+                and labels.shape == embeddings.shape[:1]:  # (anything else raises in the loss)
+            cos_y = target_cosines(embeddings, self.weight, labels, self.ignore_index)
+            t = spec.updated_t(self.t, cos_y, labels != self.ignore_index)
+        loss = margin_cross_entropy(embeddings, self.weight, labels, spec, reduction=self.reduction,
+                                    ignore_index=self.ignore_index, backend=self.backend, options=self.options,
+                                    curriculum_t=t)
+        if t is not self.t:
+            with torch.no_grad():
+                self.t.copy_(t)
+        return loss

@@ -32,7 +32,7 @@ from ._shard_loss import ShardedLoss
 from ._sharding import Group, class_split
 from ._targets import geometry, prepare_targets
 from .functional import kernel_options
-from .margins import NORM_EPS, AdaFace, CombinedMargin, MagFace, Margin, RowMargins
+from .margins import NORM_EPS, AdaFace, CombinedMargin, CurricularFace, MagFace, Margin, RowMargins
 
 __all__ = ["PartialFC", "class_split", "sample_count"]
 
@@ -152,6 +152,8 @@ class PartialFC(nn.Module):
         if isinstance(margin, AdaFace):  # statistics of the global batch: the same on every rank
             self.register_buffer("batch_mean", torch.tensor(margin.INITIAL_MEAN, device=device))
             self.register_buffer("batch_std", torch.tensor(margin.INITIAL_STD, device=device))
+        if isinstance(margin, CurricularFace):  # t of the global batch: the same on every rank
+            self.register_buffer("t", torch.tensor(margin.INITIAL_T, device=device))
         self.register_load_state_dict_pre_hook(_slice_full_weight)
 
     def _check_same_configuration(self, embedding_size, num_classes, margin, sample_rate, dtype, sample_rounding,
@@ -247,6 +249,11 @@ class PartialFC(nn.Module):
                 margins = self._adaface_margins(x, valid)
             elif not isinstance(self.margin, MagFace):
                 margins = self._row_margins(geo.cos.float(), valid)
+            hard = None
+            if isinstance(self.margin, CurricularFace):
+                if self.training:
+                    self.t.copy_(self.margin.updated_t(self.t, geo.cos.float(), valid))
+                hard = self.margin.hard_rule(geo.cos, geo.sin, self.t, valid)
         magnitudes = None
         if isinstance(self.margin, MagFace):  # margins with their gradient, through the gathered embeddings
             magnitudes = self.margin.magnitudes(x)
@@ -259,7 +266,7 @@ class PartialFC(nn.Module):
         self.last_sampled_index = class_index
         kernels = backends.load(backends.resolve(self.backend, x.device) if self.backend == "auto" else self.backend)
         loss, _ = ShardedLoss.apply(
-            x_hat.contiguous(), self.weight, labels_local, *targets, valid, class_index,
+            x_hat.contiguous(), self.weight, labels_local, *targets, valid, class_index, hard,
             float(self.margin.s), kernels, group, self.options.resolved(),
         )
         if magnitudes is not None:
@@ -348,7 +355,7 @@ class PartialFC(nn.Module):
             destination[prefix + "weight"] = _shard_io.gather_full(self)
         else:
             destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
-        for name, buf in self._buffers.items():  # the margin's state (AdaFace's statistics), equal on every rank
+        for name, buf in self._buffers.items():  # the margin's state (AdaFace's statistics...), equal on every rank
             if buf is not None:
                 destination[prefix + name] = buf if keep_vars else buf.detach()
 

@@ -55,8 +55,11 @@ def margin_cross_entropy(
     detach_margin: bool = False,
     reduction: str = "mean",
     ignore_index: int = -100,
+    hard: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Loss (reduced as asked) and per-row logsumexp, the naive way."""
+    """Loss (reduced as asked) and per-row logsumexp, the naive way. ``hard``
+    ([2, B]: thresholds, t): a non-target cosine above its row's threshold
+    counts as c (t + c), t a constant (CurricularFace)."""
     compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     x_hat = F.normalize(embeddings.to(compute), dim=1, eps=NORM_EPS)
     w_hat = F.normalize(weight.to(compute), dim=1, eps=NORM_EPS)
@@ -66,6 +69,9 @@ def margin_cross_entropy(
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
     target = _margin_target(cos.gather(1, safe_labels[:, None]).squeeze(1), x_hat, w_hat.index_select(0, safe_labels),
                             margins, overflow, easy_margin, detach_margin)
+    if hard is not None:
+        threshold, t = (v.detach().to(compute)[:, None] for v in hard)
+        cos = torch.where(cos > threshold, cos * (t + cos), cos)
     onehot = F.one_hot(safe_labels, weight.shape[0]).bool() & valid[:, None]
     logits = torch.where(onehot, (s * target)[:, None], s * cos)
 
@@ -145,3 +151,32 @@ def magface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
     ce = torch.logsumexp(logits, dim=1) - s * target
     rows = torch.where(valid, ce + lambda_g * (a / u_a**2 + 1.0 / a), torch.zeros_like(ce))
     return reduce_rows(rows, valid, reduction)
+
+
+def curricularface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, t: Tensor, *, s: float = 64.0,
+                        m: float = 0.5, momentum: float = 0.01, reduction: str = "mean",
+                        ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """CurricularFace written from the paper and its official head, the naive
+    way; returns (loss, the updated t). The full B x C cosines (clamped to
+    [-1, 1]); the target's cos(theta + m) by the plain formula c cos m - sin
+    sin m, with the classic rule (c - m sin m where theta + m > pi); hard
+    negatives, cos > cos(theta_y + m), become cos (t + cos) with t detached and
+    updated first: t <- momentum mean(valid target cosines) + (1 - momentum) t."""
+    compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    x_hat = F.normalize(embeddings.to(compute), dim=1, eps=NORM_EPS)
+    cos = (x_hat @ F.normalize(weight.to(compute), dim=1, eps=NORM_EPS).t()).clamp(-1.0, 1.0)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    c_y = cos.gather(1, safe[:, None])
+    sin_y = torch.sqrt(1.0 - c_y**2)
+    cos_m = c_y * math.cos(m) - sin_y * math.sin(m)
+    hard = (cos > cos_m) & valid[:, None]
+    final = torch.where(c_y > math.cos(math.pi - m), cos_m, c_y - math.sin(math.pi - m) * m)
+    with torch.no_grad():
+        if valid.any():
+            t = c_y[valid].mean() * momentum + (1 - momentum) * t.to(compute)
+    logits = torch.where(hard, cos * (t.to(compute) + cos), cos)
+    onehot = F.one_hot(safe, weight.shape[0]).bool() & valid[:, None]
+    logits = s * torch.where(onehot, final, logits)
+    rows = torch.where(valid, torch.logsumexp(logits, dim=1) - s * final.squeeze(1), torch.zeros_like(c_y.squeeze(1)))
+    return reduce_rows(rows, valid, reduction), t

@@ -71,12 +71,14 @@ def test_cpp_entry_points_check_every_tensor():
             _C.lse_forward(**dict(good, **{key: value}))
     with pytest.raises(RuntimeError, match="class_index entries must be rows of weight"):
         _C.lse_forward(**dict(good, w_inv=inv[:2]), class_index=torch.tensor([0, c]))
-    args = (x, w, inv, lab, vec, vec, vec, vec, 1.0, 4)
+    args = (x, w, inv, lab, vec, vec, 1.0, 4)
     assert _C.lse_backward(*args)[1].shape == (c, d)
     with pytest.raises(RuntimeError, match="grad_rows must be a vector of 4"):
-        _C.lse_backward(*args[:7], torch.zeros(2), 1.0, 4)
-    with pytest.raises(RuntimeError, match="target_slope must be a vector"):
-        _C.fused_forward_backward(x, w, inv, lab, vec, torch.zeros(3), vec, 1.0, 2)
+        _C.lse_backward(*args[:5], torch.zeros(2), 1.0, 4)
+    with pytest.raises(RuntimeError, match="lse must be a vector of 4"):
+        _C.lse_backward(x, w, inv, lab, torch.zeros(3), vec, 1.0, 4)
+    with pytest.raises(RuntimeError, match="grad_rows must be a vector"):
+        _C.fused_forward_backward(x, w, inv, lab, vec, torch.zeros(3), 1.0, 2)
 
 
 # ---------------------------------------------------------------- double backward

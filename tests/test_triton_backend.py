@@ -88,6 +88,10 @@ def test_all_ignored_rows_give_zero():
     assert loss.item() == 0 and torch.all(dx == 0) and torch.all(dw == 0)
 
 
+def targets_on(targets, device):
+    return type(targets)(*(v.to(device) for v in targets))
+
+
 def test_index_gather_reads_and_writes_only_the_sampled_rows():
     """class_index: the kernels read W[index] in place and write dW for those rows."""
     from margin_kernels.backends import triton_backend as tb
@@ -103,7 +107,7 @@ def test_index_gather_reads_and_writes_only_the_sampled_rows():
     x_hat = torch.nn.functional.normalize(x)
     w_sub = w[index]
     cos_y = (x_hat * torch.nn.functional.normalize(w_sub)[labels_local]).sum(1)
-    t, slope = target_logit(cos_y, mk.ArcFace().row_margins(b))
+    t, _ = target_logit(cos_y, mk.ArcFace().row_margins(b))
     target = 64.0 * t
     dev = lambda v: v.to(DEVICE)  # noqa: E731
     opts = mk.KernelOptions(workspace_bytes=2**26).resolved()
@@ -111,18 +115,23 @@ def test_index_gather_reads_and_writes_only_the_sampled_rows():
     lse = tb.lse_forward(dev(x_hat), dev(w), w_inv, dev(labels_local), dev(target), scale=64.0, options=opts,
                          class_index=dev(index))
     g = torch.rand(b)
-    dx, dw = tb.lse_backward(dev(x_hat), dev(w), w_inv, dev(labels_local), dev(target), dev(slope), lse, dev(g),
-                             scale=64.0, options=opts, class_index=dev(index))
+    dx, dw = tb.lse_backward(dev(x_hat), dev(w), w_inv, dev(labels_local), lse, dev(g), scale=64.0, options=opts,
+                             class_index=dev(index))
     assert dw.shape == (k, d)
     # The same on a copy of the sampled rows, without an index.
     w_inv2 = tb.row_inv_norms(dev(w_sub))
     lse2 = tb.lse_forward(dev(x_hat), dev(w_sub), w_inv2, dev(labels_local), dev(target), scale=64.0, options=opts)
-    dx2, dw2 = tb.lse_backward(dev(x_hat), dev(w_sub), w_inv2, dev(labels_local), dev(target), dev(slope), lse2,
-                               dev(g), scale=64.0, options=opts)
+    dx2, dw2 = tb.lse_backward(dev(x_hat), dev(w_sub), w_inv2, dev(labels_local), lse2, dev(g), scale=64.0,
+                               options=opts)
     for a, b_ in ((lse, lse2), (dx, dx2), (dw, dw2)):
         assert rel_err(a.cpu(), b_.cpu()) < 1e-6
-    # ... and against the reference on the sampled classes.
+    # ... and, with the target columns' share added as the pipeline adds it,
+    # against the reference on the sampled classes.
     from margin_kernels import reference
+    from margin_kernels._targets import add_target_gradients, geometry, prepare_targets
+
+    targets = prepare_targets(geometry(x, w_sub[labels_local]), mk.ArcFace().row_margins(b), mk.ArcFace())
+    add_target_gradients(dx, dw, targets_on(targets, DEVICE), dev(labels_local), lse, dev(g), w_inv)
 
     xr = x.clone().requires_grad_(True)
     wr = w_sub.clone().requires_grad_(True)

@@ -27,15 +27,31 @@ Tensor float_block(const Tensor& weight, const c10::optional<Tensor>& class_inde
 // shift for logsumexp unless it overshoots so far that every exp underflows.
 constexpr float kMaxShiftSlack = 30.0f;
 
+// CurricularFace's hard negatives per row (the `hard` [2, B] tensor: thresholds,
+// then t); off when the call has none.
+struct HardRows {
+  const float* threshold = nullptr;
+  const float* t = nullptr;
+  explicit HardRows(const c10::optional<Tensor>& hard) {
+    if (hard.has_value()) {
+      threshold = hard->data_ptr<float>();
+      t = threshold + hard->size(1);
+    }
+  }
+  bool on() const { return threshold != nullptr; }
+};
+
 struct ZRow {
   int64_t target_col;  // inside this block, or -1
   float max;           // a shift >= the row's max, within kMaxShiftSlack of it
 };
 
-// Logits row -> z = s * cos with the target column replaced by `target`.
+// Logits row i -> z = s * cos (hard negatives modulated) with the target column
+// replaced by `target`.
 ZRow logits_to_z(float* row, const float* inv, int64_t n, float scale,
-                 int64_t label, int64_t col0, float target) {
-  float mx = cpu::scale_columns_max(row, inv, n, scale);
+                 int64_t label, int64_t col0, float target, const HardRows& hard, int64_t i) {
+  float mx = hard.on() ? cpu::scale_columns_max_hard(row, inv, n, scale, hard.threshold[i], hard.t[i])
+                       : cpu::scale_columns_max(row, inv, n, scale);
   const int64_t t = label - col0;
   if (label < 0 || t < 0 || t >= n) return {-1, mx};
   const float replaced = row[t];
@@ -97,7 +113,7 @@ Tensor row_inv_norms(const Tensor& weight, double eps) {
 Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
                    const Tensor& labels_local, const Tensor& target_logit,
                    double scale, int64_t block_classes,
-                   const c10::optional<Tensor>& class_index) {
+                   const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& hard) {
   const int64_t B = x_hat.size(0), C = shard_classes(weight, class_index);
   const int64_t K = std::min(std::max<int64_t>(block_classes, 1), C);
   Tensor row_max = at::full({B}, -std::numeric_limits<float>::infinity(), x_hat.options());
@@ -111,6 +127,7 @@ Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_in
   const int64_t* lab = labels_local.data_ptr<int64_t>();
   const float* tgt = target_logit.data_ptr<float>();
   const float s = static_cast<float>(scale);
+  const HardRows hard_rows(hard);
 
   for (int64_t c0 = 0; c0 < C; c0 += K) {
     const int64_t k = std::min(K, C - c0);
@@ -120,7 +137,7 @@ Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_in
     at::parallel_for(0, B, grain_for(k), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
         float* row = zp + i * k;
-        const ZRow zr = logits_to_z(row, inv + c0, k, s, lab[i], c0, tgt[i]);
+        const ZRow zr = logits_to_z(row, inv + c0, k, s, lab[i], c0, tgt[i], hard_rows, i);
         const float new_max = std::max(m[i], zr.max);
         l[i] = l[i] * std::exp(m[i] - new_max) + cpu::row_sum_exp(row, k, new_max);
         m[i] = new_max;
@@ -132,9 +149,9 @@ Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_in
 
 std::tuple<Tensor, Tensor> lse_backward(
     const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
-    const Tensor& labels_local, const Tensor& target_logit,
-    const Tensor& target_slope, const Tensor& lse, const Tensor& grad_rows,
-    double scale, int64_t block_classes, const c10::optional<Tensor>& class_index, bool weight_grad) {
+    const Tensor& labels_local, const Tensor& lse, const Tensor& grad_rows,
+    double scale, int64_t block_classes,
+    const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& hard, bool weight_grad) {
   const int64_t B = x_hat.size(0), C = shard_classes(weight, class_index), D = weight.size(1);
   const int64_t K = std::min(std::max<int64_t>(block_classes, 1), std::max<int64_t>(C, 1));
   Tensor dx_hat = at::zeros({B, D}, x_hat.options());
@@ -145,11 +162,10 @@ std::tuple<Tensor, Tensor> lse_backward(
   Tensor dw_buffer = float_weight || !weight_grad ? Tensor() : at::empty({K, D}, x_hat.options());
   const float* inv = w_inv.data_ptr<float>();
   const int64_t* lab = labels_local.data_ptr<int64_t>();
-  const float* tgt = target_logit.data_ptr<float>();
-  const float* slope = target_slope.data_ptr<float>();
   const float* lse_p = lse.data_ptr<float>();
   const float* g = grad_rows.data_ptr<float>();
   const float s = static_cast<float>(scale);
+  const HardRows hard_rows(hard);
 
   for (int64_t c0 = 0; c0 < C; c0 += K) {
     const int64_t k = std::min(K, C - c0);
@@ -165,12 +181,15 @@ std::tuple<Tensor, Tensor> lse_backward(
           std::fill(row, row + k, 0.0f);
           continue;
         }
-        cpu::softmax_grad_from_logits(row, inv + c0, k, s, lse_p[i], coef);
-        const int64_t t = lab[i] - c0;
-        if (lab[i] >= 0 && t >= 0 && t < k) {
-          const float p_t = std::exp(tgt[i] - lse_p[i]);
-          row[t] = coef * (p_t - 1.0f) * slope[i] * inv[c0 + t];
+        if (hard_rows.on()) {
+          cpu::softmax_grad_from_logits_hard(row, inv + c0, k, s, lse_p[i], coef, hard_rows.threshold[i],
+                                             hard_rows.t[i]);
+        } else {
+          cpu::softmax_grad_from_logits(row, inv + c0, k, s, lse_p[i], coef);
         }
+        // The target column's gradient is added outside the kernels (docs/DESIGN.md §1).
+        const int64_t t = lab[i] - c0;
+        if (lab[i] >= 0 && t >= 0 && t < k) row[t] = 0.0f;
       }
     });
     dx_hat.addmm_(e, w_blk);
@@ -186,9 +205,8 @@ std::tuple<Tensor, Tensor> lse_backward(
 
 std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
     const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
-    const Tensor& labels_local, const Tensor& target_logit,
-    const Tensor& target_slope, const Tensor& grad_rows, double scale,
-    int64_t block_rows) {
+    const Tensor& labels_local, const Tensor& target_logit, const Tensor& grad_rows,
+    double scale, int64_t block_rows) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat,
               "fused_forward_backward takes float32 weights");
   const int64_t B = x_hat.size(0), C = weight.size(0), D = weight.size(1);
@@ -201,8 +219,8 @@ std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
   const float* inv = w_inv.data_ptr<float>();
   const int64_t* lab = labels_local.data_ptr<int64_t>();
   const float* tgt = target_logit.data_ptr<float>();
-  const float* slope = target_slope.data_ptr<float>();
   const float* g = grad_rows.data_ptr<float>();
+  const HardRows no_hard{c10::nullopt};
   float* lse_p = lse.data_ptr<float>();
   const float s = static_cast<float>(scale);
 
@@ -216,7 +234,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
       for (int64_t ii = a; ii < b; ++ii) {
         const int64_t i = r0 + ii;
         float* row = ep + ii * C;
-        const ZRow zr = logits_to_z(row, inv, C, s, lab[i], 0, tgt[i]);
+        const ZRow zr = logits_to_z(row, inv, C, s, lab[i], 0, tgt[i], no_hard, i);
         const float sum = cpu::exp_in_place_sum(row, C, zr.max);  // row <- exp(z - max)
         lse_p[i] = zr.max + std::log(sum);
         const float coef = g[i] * s;
@@ -225,8 +243,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
           continue;
         }
         cpu::scale_columns(row, inv, C, coef / sum);  // row <- coef * p * inv
-        const int64_t t = zr.target_col;
-        if (t >= 0) row[t] = (row[t] - coef * inv[t]) * slope[i];
+        if (zr.target_col >= 0) row[zr.target_col] = 0.0f;  // added outside (docs/DESIGN.md §1)
       }
     });
     Tensor dx_blk = dx_hat.narrow(0, r0, r);

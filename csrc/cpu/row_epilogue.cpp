@@ -55,6 +55,19 @@ float scale_columns_max(float* z, const float* inv, int64_t n, float scale) {
 }
 
 MK_VECTOR_CLONES
+float scale_columns_max_hard(float* z, const float* inv, int64_t n, float scale, float threshold,
+                             float t) {
+  float m = -3.402823466e+38f;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) {
+    const float c = z[j] * inv[j];
+    z[j] = scale * (c > threshold ? c * (t + c) : c);
+    m = z[j] > m ? z[j] : m;
+  }
+  return m;
+}
+
+MK_VECTOR_CLONES
 float row_max(const float* z, int64_t n) {
   float m = z[0];
 #pragma omp simd reduction(max : m)
@@ -91,6 +104,18 @@ void softmax_grad_from_logits(float* l, const float* inv, int64_t n, float scale
                               float shift, float coef) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) l[j] = coef * exp_f32(scale * l[j] * inv[j] - shift) * inv[j];
+}
+
+MK_VECTOR_CLONES
+void softmax_grad_from_logits_hard(float* l, const float* inv, int64_t n, float scale,
+                                   float shift, float coef, float threshold, float t) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float c = l[j] * inv[j];
+    const bool hard = c > threshold;
+    const float z = scale * (hard ? c * (t + c) : c);
+    l[j] = coef * exp_f32(z - shift) * (hard ? t + 2.0f * c : 1.0f) * inv[j];
+  }
 }
 
 MK_VECTOR_CLONES

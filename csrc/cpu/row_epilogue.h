@@ -9,6 +9,11 @@ namespace margin_kernels::cpu {
 // z_j <- scale * z_j * inv_j, in place; returns max_j z_j (n >= 1).
 float scale_columns_max(float* z, const float* inv, int64_t n, float scale);
 
+// CurricularFace's hard negatives: z_j <- scale * m(c_j), c_j = z_j * inv_j,
+// m(c) = c (t + c) where c > threshold, c elsewhere; returns max_j z_j (n >= 1).
+float scale_columns_max_hard(float* z, const float* inv, int64_t n, float scale, float threshold,
+                             float t);
+
 // max_j z_j (n >= 1).
 float row_max(const float* z, int64_t n);
 
@@ -26,6 +31,12 @@ void scale_columns(float* z, const float* inv, int64_t n, float coef);
 // with 1/||w_j|| folded in for the weight GEMMs.
 void softmax_grad_from_logits(float* l, const float* inv, int64_t n, float scale,
                               float shift, float coef);
+
+// softmax_grad_from_logits through the hard-negative modulation: the logit is
+// scale * m(c_j) and the gradient is multiplied by m'(c_j) = t + 2 c_j where
+// c_j > threshold.
+void softmax_grad_from_logits_hard(float* l, const float* inv, int64_t n, float scale,
+                                   float shift, float coef, float threshold, float t);
 
 // y <- y - a * x (length n); and the dot product of two rows.
 void sub_scaled(float* y, const float* x, float a, int64_t n);

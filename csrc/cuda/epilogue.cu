@@ -50,9 +50,18 @@ __device__ float block_reduce(float v, float* scratch) {
   return r;
 }
 
+// A row's hard-negative rule: threshold +inf (never hard) without one.
+struct HardRow {
+  float threshold, t;
+  __device__ HardRow(const float* hard, int64_t i, int64_t B)
+      : threshold(hard ? hard[i] : INFINITY), t(hard ? hard[B + i] : 0.0f) {}
+  __device__ float value(float c) const { return c > threshold ? c * (t + c) : c; }
+  __device__ float derivative(float c) const { return c > threshold ? t + 2.0f * c : 1.0f; }
+};
+
 __device__ __forceinline__ float z_at(const float* row, int64_t j, const float* inv, float scale,
-                                      int64_t t, float target) {
-  return j == t ? target : scale * row[j] * inv[j];
+                                      int64_t t, float target, const HardRow& hard) {
+  return j == t ? target : scale * hard.value(row[j] * inv[j]);
 }
 
 template <typename T>
@@ -71,22 +80,23 @@ __global__ void row_inv_norms_kernel(const T* __restrict__ x, int64_t dim, int64
   if (threadIdx.x == 0) inv[blockIdx.x] = r;
 }
 
-__global__ void forward_epilogue_kernel(const float* __restrict__ logits, int64_t K, int64_t ld,
+__global__ void forward_epilogue_kernel(const float* __restrict__ logits, int64_t B, int64_t K, int64_t ld,
                                         const float* __restrict__ inv, float scale,
                                         const int64_t* __restrict__ labels, int64_t col0,
-                                        const float* __restrict__ target, float* __restrict__ row_max,
-                                        float* __restrict__ row_sum) {
+                                        const float* __restrict__ target, const float* __restrict__ hard,
+                                        float* __restrict__ row_max, float* __restrict__ row_sum) {
   __shared__ float scratch[kWarps];
   const int64_t i = blockIdx.x;
   const float* row = logits + i * ld;
   const int64_t t = labels[i] >= 0 ? labels[i] - col0 : -1;
   const float tgt = target[i];
+  const HardRow hr(hard, i, B);
   float m = -INFINITY;
-  for (int64_t j = threadIdx.x; j < K; j += kThreads) m = fmaxf(m, z_at(row, j, inv, scale, t, tgt));
+  for (int64_t j = threadIdx.x; j < K; j += kThreads) m = fmaxf(m, z_at(row, j, inv, scale, t, tgt, hr));
   const float old_max = row_max[i];
   const float new_max = fmaxf(old_max, block_reduce<true>(m, scratch));
   float s = 0.0f;
-  for (int64_t j = threadIdx.x; j < K; j += kThreads) s += __expf(z_at(row, j, inv, scale, t, tgt) - new_max);
+  for (int64_t j = threadIdx.x; j < K; j += kThreads) s += __expf(z_at(row, j, inv, scale, t, tgt, hr) - new_max);
   s = block_reduce<false>(s, scratch);
   if (threadIdx.x == 0) {
     row_sum[i] = row_sum[i] * __expf(old_max - new_max) + s;
@@ -99,18 +109,17 @@ __global__ void backward_epilogue_kernel(const float* logits,  // may alias dz
                                          int64_t B, int64_t K, int64_t ld,
                                          const float* __restrict__ inv, float scale,
                                          const int64_t* __restrict__ labels, int64_t col0,
-                                         const float* __restrict__ target, const float* __restrict__ slope,
-                                         const float* __restrict__ lse, const float* __restrict__ grad,
-                                         T* dz, int64_t ld_out) {
+                                         const float* __restrict__ hard, const float* __restrict__ lse,
+                                         const float* __restrict__ grad, T* dz, int64_t ld_out) {
   const int64_t n = B * K;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t i = e / K, j = e % K;
     const float coef = grad[i] * scale;
     const bool is_target = labels[i] >= 0 && labels[i] - col0 == j;
-    const float z = is_target ? target[i] : scale * logits[i * ld + j] * inv[j];
-    const float p = __expf(z - lse[i]);
-    const float d = is_target ? coef * (p - 1.0f) * slope[i] : coef * p;
-    dz[i * ld_out + j] = from_float<T>(coef == 0.0f ? 0.0f : d * inv[j]);
+    const HardRow hr(hard, i, B);
+    const float c = logits[i * ld + j] * inv[j];
+    const float d = coef * __expf(scale * hr.value(c) - lse[i]) * hr.derivative(c);
+    dz[i * ld_out + j] = from_float<T>(coef == 0.0f || is_target ? 0.0f : d * inv[j]);
   }
 }
 
@@ -160,32 +169,31 @@ extern "C" cudaError_t mk_row_inv_norms(const void* x, int dtype, int64_t rows, 
 
 extern "C" cudaError_t mk_forward_epilogue(const float* logits, int64_t B, int64_t K, int64_t ld, const float* inv,
                                            float scale, const int64_t* labels_local, int64_t col0, const float* target,
-                                           float* row_max, float* row_sum, cudaStream_t stream) {
+                                           const float* hard, float* row_max, float* row_sum, cudaStream_t stream) {
   if (B == 0 || K == 0) return cudaSuccess;
-  forward_epilogue_kernel<<<B, kThreads, 0, stream>>>(logits, K, ld, inv, scale, labels_local, col0, target, row_max,
-                                                      row_sum);
+  forward_epilogue_kernel<<<B, kThreads, 0, stream>>>(logits, B, K, ld, inv, scale, labels_local, col0, target, hard,
+                                                      row_max, row_sum);
   return cudaGetLastError();
 }
 
 extern "C" cudaError_t mk_backward_epilogue(const float* logits, int64_t B, int64_t K, int64_t ld, const float* inv,
                                             float scale, const int64_t* labels_local, int64_t col0,
-                                            const float* target, const float* slope, const float* lse,
-                                            const float* grad, void* dz, int out_dtype, int64_t ld_out,
-                                            cudaStream_t stream) {
+                                            const float* hard, const float* lse, const float* grad, void* dz,
+                                            int out_dtype, int64_t ld_out, cudaStream_t stream) {
   if (B == 0 || K == 0) return cudaSuccess;
   const int blocks = elementwise_blocks(B * K);
   switch (out_dtype) {
     case MK_FLOAT32:
       backward_epilogue_kernel<<<blocks, kThreads, 0, stream>>>(logits, B, K, ld, inv, scale, labels_local, col0,
-                                                                target, slope, lse, grad, (float*)dz, ld_out);
+                                                                hard, lse, grad, (float*)dz, ld_out);
       break;
     case MK_BFLOAT16:
       backward_epilogue_kernel<<<blocks, kThreads, 0, stream>>>(logits, B, K, ld, inv, scale, labels_local, col0,
-                                                                target, slope, lse, grad, (__nv_bfloat16*)dz, ld_out);
+                                                                hard, lse, grad, (__nv_bfloat16*)dz, ld_out);
       break;
     case MK_FLOAT16:
       backward_epilogue_kernel<<<blocks, kThreads, 0, stream>>>(logits, B, K, ld, inv, scale, labels_local, col0,
-                                                                target, slope, lse, grad, (__half*)dz, ld_out);
+                                                                hard, lse, grad, (__half*)dz, ld_out);
       break;
     default:
       return cudaErrorInvalidValue;

@@ -18,22 +18,27 @@ enum mk_dtype { MK_FLOAT32 = 0, MK_BFLOAT16 = 1, MK_FLOAT16 = 2 };
 cudaError_t mk_row_inv_norms(const void* x, int dtype, int64_t rows, int64_t dim, int64_t ld,
                              float eps, float* inv, cudaStream_t stream);
 
+// `hard` (may be NULL): CurricularFace's hard negatives, [2, B] fp32 (thresholds,
+// then t): a non-target cosine c > hard[i] counts as c (hard[B + i] + c).
+
 // One class block of the forward: logits [B, K] (fp32, row stride ld) -> z =
-// scale * logits * inv[col] with column labels_local[i] - col0 replaced by
-// target[i]; updates the running row max / sum-exp in place.
+// scale * logits * inv[col] (hard negatives modulated) with column
+// labels_local[i] - col0 replaced by target[i]; updates the running row max /
+// sum-exp in place.
 cudaError_t mk_forward_epilogue(const float* logits, int64_t B, int64_t K, int64_t ld,
                                 const float* inv, float scale, const int64_t* labels_local,
-                                int64_t col0, const float* target, float* row_max,
-                                float* row_sum, cudaStream_t stream);
+                                int64_t col0, const float* target, const float* hard,
+                                float* row_max, float* row_sum, cudaStream_t stream);
 
-// One class block of the backward: dz = g s (softmax - onehot), times the
-// target slope at the target column and inv[col], written as `out_dtype` into
-// dz (row stride ld_out; may alias logits when out_dtype is float32).
+// One class block of the backward: dz = g s softmax (times the modulation's
+// derivative at hard negatives) and inv[col], 0 at the target column (its
+// share is added by the caller), written as `out_dtype` into dz (row stride
+// ld_out; may alias logits when out_dtype is float32).
 cudaError_t mk_backward_epilogue(const float* logits, int64_t B, int64_t K, int64_t ld,
                                  const float* inv, float scale, const int64_t* labels_local,
-                                 int64_t col0, const float* target, const float* slope,
-                                 const float* lse, const float* grad, void* dz, int out_dtype,
-                                 int64_t ld_out, cudaStream_t stream);
+                                 int64_t col0, const float* hard, const float* lse,
+                                 const float* grad, void* dz, int out_dtype, int64_t ld_out,
+                                 cudaStream_t stream);
 
 // dW_j = G_j - w_j inv_j^2 (w_j . G_j) for rows of G (fp32 [K, dim]), written
 // as out_dtype into out (may alias G when float32): d/dw from d/d(w_hat).

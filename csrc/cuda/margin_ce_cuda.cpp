@@ -29,6 +29,10 @@ void check(cudaError_t err, const char* what) {
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
+const float* hard_ptr(const c10::optional<Tensor>& hard) {
+  return hard.has_value() ? hard->data_ptr<float>() : nullptr;
+}
+
 // logits (fp32) = x_op @ w_blk^T with fp32 accumulation whatever the operands.
 void logits_into(Tensor& out, const Tensor& x_op, const Tensor& w_blk) {
   if (w_blk.scalar_type() == at::kFloat) {
@@ -52,7 +56,7 @@ Tensor row_inv_norms(const Tensor& weight, double eps) {
 
 Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv, const Tensor& labels_local,
                    const Tensor& target_logit, double scale, int64_t block_classes,
-                   const c10::optional<Tensor>& class_index) {
+                   const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& hard) {
   const c10::cuda::CUDAGuard guard(x_hat.device());
   const int64_t B = x_hat.size(0);
   const int64_t C = shard_classes(weight, class_index);
@@ -68,17 +72,17 @@ Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_in
     logits_into(z, x_op, class_block(weight, class_index, c0, k));
     check(mk_forward_epilogue(z.data_ptr<float>(), B, k, k, w_inv.data_ptr<float>() + c0, static_cast<float>(scale),
                               labels_local.data_ptr<int64_t>(), c0, target_logit.data_ptr<float>(),
-                              row_max.data_ptr<float>(), row_sum.data_ptr<float>(), stream()),
+                              hard_ptr(hard), row_max.data_ptr<float>(), row_sum.data_ptr<float>(), stream()),
           "forward_epilogue");
   }
   return row_max.add_(row_sum.log_());
 }
 
 std::tuple<Tensor, Tensor> lse_backward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
-                                        const Tensor& labels_local, const Tensor& target_logit,
-                                        const Tensor& target_slope, const Tensor& lse, const Tensor& grad_rows,
+                                        const Tensor& labels_local, const Tensor& lse, const Tensor& grad_rows,
                                         double scale, int64_t block_classes,
-                                        const c10::optional<Tensor>& class_index, bool weight_grad) {
+                                        const c10::optional<Tensor>& class_index,
+                                        const c10::optional<Tensor>& hard, bool weight_grad) {
   const c10::cuda::CUDAGuard guard(x_hat.device());
   const int64_t B = x_hat.size(0), D = weight.size(1);
   const int64_t C = shard_classes(weight, class_index);
@@ -99,9 +103,9 @@ std::tuple<Tensor, Tensor> lse_backward(const Tensor& x_hat, const Tensor& weigh
     Tensor dz = scratch_view(dz_buf, B, k);
     logits_into(logits, x_op, w_blk);
     check(mk_backward_epilogue(logits.data_ptr<float>(), B, k, k, w_inv.data_ptr<float>() + c0,
-                               static_cast<float>(scale), labels_local.data_ptr<int64_t>(), c0,
-                               target_logit.data_ptr<float>(), target_slope.data_ptr<float>(), lse.data_ptr<float>(),
-                               grad_rows.data_ptr<float>(), dz.data_ptr(), mk_type(wt), k, stream()),
+                               static_cast<float>(scale), labels_local.data_ptr<int64_t>(), c0, hard_ptr(hard),
+                               lse.data_ptr<float>(), grad_rows.data_ptr<float>(), dz.data_ptr(), mk_type(wt), k,
+                               stream()),
           "backward_epilogue");
     if (wt == at::kFloat) {
       dx_hat.addmm_(dz, w_blk);

@@ -4,17 +4,20 @@ csrc/bindings.cpp and, upper-cased, in the Triton kernels):
 
     row_inv_norms(weight, *, class_index=None) -> w_inv [C] float32
     lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options,
-                class_index=None) -> lse [B]
-    lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse,
-                 grad_rows, *, scale, options, class_index=None, weight_grad=True)
+                class_index=None, hard=None) -> lse [B]
+    lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, options,
+                 class_index=None, hard=None, weight_grad=True)
         -> (dx_hat [B, D] float32, dW [C, D] in weight's dtype, or None without weight_grad)
 
 and the single-shard shortcut, where ``supports_fused`` says it has one:
 
     supports_fused(weight) -> bool
     prefers_fused(weight, batch, options) -> bool
-    fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope,
-                           grad_rows, *, scale, options) -> (lse, dx_hat, dW)
+    fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows, *,
+                           scale, options) -> (lse, dx_hat, dW)
+
+The backwards leave out the target columns (the caller adds their exact share);
+``hard`` is CurricularFace's hard negatives, float32 [2, B] (thresholds, t).
 
 ``options`` is a resolved :class:`KernelOptions`.
 """

@@ -64,19 +64,19 @@ def row_inv_norms(weight: Tensor, *, class_index: Tensor | None = None) -> Tenso
     return inv if class_index is None else inv.index_select(0, class_index)
 
 
-def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options, class_index=None):
+def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options, class_index=None, hard=None):
     _check_device(x_hat)
     # A gathered block is copied to float32 whatever the weight dtype: budget for it.
     k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), options.workspace_bytes)
-    return _C.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, float(scale), k, class_index)
+    return _C.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, float(scale), k, class_index, hard)
 
 
-def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse, grad_rows, *, scale, options,
-                 class_index=None, weight_grad=True):
+def lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, options, class_index=None, hard=None,
+                 weight_grad=True):
     _check_device(x_hat)
     k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), options.workspace_bytes)
-    dx, dw = _C.lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse,
-                             grad_rows.float().contiguous(), float(scale), k, class_index, weight_grad)
+    dx, dw = _C.lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows.float().contiguous(), float(scale), k,
+                             class_index, hard, weight_grad)
     return dx, dw if weight_grad else None
 
 
@@ -97,8 +97,7 @@ def prefers_fused(weight: Tensor, batch: int, options) -> bool:
     return supports_fused(weight) and block_rows(weight.shape[0], options.workspace_bytes) >= min(batch, MIN_FUSED_ROWS)
 
 
-def fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, grad_rows, *, scale,
-                           options):
+def fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows, *, scale, options):
     r = block_rows(weight.shape[0], options.workspace_bytes)
-    return _C.fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope,
-                                     grad_rows.float().contiguous(), float(scale), r)
+    return _C.fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows.float().contiguous(),
+                                     float(scale), r)

@@ -53,18 +53,19 @@ def _upcast(weight: Tensor) -> bool:
     return K.INTERPRET and weight.dtype == torch.bfloat16
 
 
-def _flags(weight: Tensor, class_index: Tensor | None, options) -> dict:
+def _flags(weight: Tensor, class_index: Tensor | None, hard: Tensor | None, options) -> dict:
     # float32 inputs: full-precision fp32 dots (the 1e-5 contract) unless options.tf32
     return dict(
         HAS_INDEX=class_index is not None,
+        HAS_HARD=hard is not None,
         UPCAST=_upcast(weight),
         IEEE=weight.dtype == torch.float32 and not options.tf32,
     )
 
 
-def _grad_flags(weight: Tensor, class_index: Tensor | None, options) -> dict:
+def _grad_flags(weight: Tensor, class_index: Tensor | None, hard: Tensor | None, options) -> dict:
     # fp16 gradient operands are scaled per row / column to stay below fp16's max
-    return dict(_flags(weight, class_index, options), SCALE=weight.dtype == torch.float16)
+    return dict(_flags(weight, class_index, hard, options), SCALE=weight.dtype == torch.float16)
 
 
 def _sizes(b: int, c: int, d: int, stride_x: int, stride_w: int, s: float) -> tuple:
@@ -83,6 +84,10 @@ def _num_classes(weight: Tensor, class_index: Tensor | None) -> int:
 
 def _index_arg(weight: Tensor, class_index: Tensor | None) -> Tensor:
     return class_index if class_index is not None else weight  # unused pointer when HAS_INDEX is False
+
+
+def _hard_arg(x_hat: Tensor, hard: Tensor | None) -> Tensor:
+    return hard if hard is not None else x_hat  # unused pointer when HAS_HARD is False
 
 
 # ---------------------------------------------------------------- launch grids
@@ -141,7 +146,7 @@ def row_inv_norms(weight: Tensor, *, class_index: Tensor | None = None) -> Tenso
     return out
 
 
-def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options, class_index=None):
+def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options, class_index=None, hard=None):
     """Per-row logsumexp over the (indexed) classes; scratch is B x splits floats."""
     _check(x_hat, weight)
     b, d = x_hat.shape
@@ -154,8 +159,8 @@ def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, opti
     with device_guard(x_hat.device):
         K.lse_forward_kernel[lambda meta: forward_grid(b, splits, meta)](
             _operand(x_hat, weight), weight, w_inv, labels_local, target_logit, _index_arg(weight, class_index),
-            part_max, part_sum, *_sizes(b, c, d, x_hat.shape[1], weight.stride(0), scale),
-            **_flags(weight, class_index, options),
+            _hard_arg(x_hat, hard), part_max, part_sum, *_sizes(b, c, d, x_hat.shape[1], weight.stride(0), scale),
+            **_flags(weight, class_index, hard, options),
         )
     # Splits that got no class tile hold (-inf, 0): log(0) = -inf drops out.
     return torch.logsumexp(part_max + part_sum.log(), dim=0)
@@ -177,8 +182,8 @@ def chunk_classes(c: int, d: int, weight_dtype: torch.dtype, workspace_bytes: in
     return max(256, workspace_bytes // (4 * max(d, 1)))
 
 
-def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope, lse, grad_rows, *, scale, options,
-                 class_index=None, weight_grad=True):
+def lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, options, class_index=None, hard=None,
+                 weight_grad=True):
     """(dx_hat fp32 [B, D], dW [C or K, D] in weight's dtype, or None without
     ``weight_grad``), by ``options.triton_backward``: "atomic" (one kernel,
     fp32 atomics into dx and dW) or "split" (a dW kernel without atomics and a
@@ -193,7 +198,8 @@ def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope,
     if c == 0 or b == 0:
         return dx, dw.zero_() if weight_grad else None
     x_op, g = _operand(x_hat, weight), grad_rows.float().contiguous()
-    flags = _grad_flags(weight, class_index, options)
+    flags = _grad_flags(weight, class_index, hard, options)
+    hard_arg = _hard_arg(x_hat, hard)
     step = chunk_classes(c, d, weight.dtype, options.workspace_bytes)
     scratch = None if weight.dtype == torch.float32 or not weight_grad else torch.empty(
         min(step, c), d, dtype=torch.float32, device=weight.device)
@@ -202,14 +208,14 @@ def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope,
             if strategy == "atomic":
                 sizes = _sizes(b, c, d, x_hat.shape[1], weight.stride(0), scale)
                 K.lse_backward_kernel[lambda meta: atomic_grid(b, c, meta)](
-                    x_op, weight, w_inv, labels_local, target_logit, target_slope, lse, g,
-                    _index_arg(weight, class_index), dx, dx.new_empty(1), *sizes, **flags, WITH_DW=False)
+                    x_op, weight, w_inv, labels_local, lse, g, _index_arg(weight, class_index), hard_arg, dx,
+                    dx.new_empty(1), *sizes, **flags, WITH_DW=False)
                 return dx, None
         if strategy == "split":
             sizes = _sizes(b, c, d, x_hat.shape[1], weight.stride(0), scale)
             K.lse_backward_dx_kernel[lambda meta: dx_grid(b, c, d, meta)](
-                x_op, weight, w_inv, labels_local, target_logit, target_slope, lse, g,
-                _index_arg(weight, class_index), dx, *sizes, **flags,
+                x_op, weight, w_inv, labels_local, lse, g, _index_arg(weight, class_index), hard_arg, dx, *sizes,
+                **flags,
             )
             if not weight_grad:
                 return dx, None
@@ -222,8 +228,7 @@ def lse_backward(x_hat, weight, w_inv, labels_local, target_logit, target_slope,
             inv_part = w_inv[c0:c1]
             labels_part = labels_local - c0 if c0 else labels_local
             acc = dw[c0:c1] if scratch is None else scratch[: c1 - c0]
-            args = (x_op, w_part, inv_part, labels_part, target_logit, target_slope, lse, g,
-                    _index_arg(w_part, index_part))
+            args = (x_op, w_part, inv_part, labels_part, lse, g, _index_arg(w_part, index_part), hard_arg)
             sizes = _sizes(b, c1 - c0, d, x_hat.shape[1], weight.stride(0), scale)
             if strategy == "atomic":
                 acc.zero_()

@@ -86,9 +86,10 @@ def _offsets(rows, stride, ks):
 def _fp16_scale(e, AXIS: tl.constexpr):
     """A power-of-two scale per row (AXIS=1) or per column (AXIS=0) of e that
     brings its largest |value| to at most 2^14, so that the cast to an fp16
-    operand cannot overflow: where a target cosine rounds to +-1 the margin's
-    slope is steep, and that one entry must not turn the tile into inf. Powers of
-    two: scaling and unscaling are exact."""
+    operand cannot overflow: e = g s p / ||w|| passes fp16's 65,504 under a
+    loss scale (GradScaler's g = 2^16 times s = 64) or a small-norm class row,
+    and one such entry must not turn the tile into inf. Powers of two: scaling
+    and unscaling are exact."""
     amax = tl.max(tl.abs(e), axis=AXIS)
     return tl.exp2(-tl.ceil(tl.log2(tl.maximum(amax / FP16_MAX_OPERAND, 1.0))))
 
@@ -181,33 +182,46 @@ def _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N: tl.constexpr, HAS_INDEX: tl.co
 
 
 @triton.jit
-def _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale):
-    """From a tile's raw logits: e = g s (p - onehot), times dt/dc at the target
-    column, divided by ||w_j|| (so that e . W and e^T . x_hat are the gradients
-    w.r.t. x_hat and w_hat / ||w||); zero outside the valid rows and columns."""
+def _hard_rule(rows, row_ok, HARD, B):
+    """CurricularFace's per-row (threshold, t) from HARD [2, B]; a masked row is never hard."""
+    threshold = tl.load(HARD + rows, mask=row_ok, other=float("inf"))
+    t = tl.load(HARD + B + rows, mask=row_ok, other=0.0)
+    return threshold[:, None], t[:, None]
+
+
+@triton.jit
+def _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD: tl.constexpr):
+    """From a tile's raw logits: e = g s p (times m'(c) = t + 2c at hard
+    negatives), divided by ||w_j|| (so that e . W and e^T . x_hat are the
+    gradients w.r.t. x_hat and w_hat / ||w||); zero at the target columns (their
+    share is added outside the kernels) and outside the valid rows and columns."""
     label = tl.load(LABELS + rows, mask=row_ok, other=-1)
-    target = tl.load(TARGET + rows, mask=row_ok, other=0.0)
-    slope = tl.load(SLOPE + rows, mask=row_ok, other=0.0)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     coef = tl.load(GRAD + rows, mask=row_ok, other=0.0) * scale
     inv = tl.load(W_INV + cols, mask=col_ok, other=0.0)
-    is_target = cols[None, :] == label[:, None]
-    z = tl.where(is_target, target[:, None], acc * (inv * scale)[None, :])
-    p = tl.exp(z - lse[:, None])
-    e = coef[:, None] * tl.where(is_target, (p - 1.0) * slope[:, None], p)
-    return tl.where(row_ok[:, None] & col_ok[None, :], e * inv[None, :], 0.0)
+    c = acc * inv[None, :]
+    if HAS_HARD:
+        threshold, t = _hard_rule(rows, row_ok, HARD, B)
+        hard = c > threshold
+        p = tl.exp(tl.where(hard, c * (t + c), c) * scale - lse[:, None])
+        e = coef[:, None] * p * tl.where(hard, t + 2.0 * c, 1.0)
+    else:
+        e = coef[:, None] * tl.exp(c * scale - lse[:, None])
+    keep = row_ok[:, None] & col_ok[None, :] & (cols[None, :] != label[:, None])
+    return tl.where(keep, e * inv[None, :], 0.0)
 
 
 @triton.autotune(configs=_configs("fwd"), key=AUTOTUNE_KEY)
 @triton.jit
 def lse_forward_kernel(
-    X, W, W_INV, LABELS, TARGET, CLASS_INDEX, PART_MAX, PART_SUM,
+    X, W, W_INV, LABELS, TARGET, CLASS_INDEX, HARD, PART_MAX, PART_SUM,
     B, C, D, stride_x, stride_w, scale, B_BUCKET, C_BUCKET,
-    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_HARD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program (row tile, class split): running max / sum-exp of its class tiles,
-    written as one partial per (split, row); the host combines splits."""
+    """Program (row tile, class split): running max / sum-exp of its class tiles
+    (HAS_HARD: CurricularFace's hard negatives modulated), written as one
+    partial per (split, row); the host combines splits."""
     pid_s = tl.program_id(1)
     rows, row_ok, safe_rows = _tile_rows(tl.program_id(0), B, BLOCK_M)
     label = tl.load(LABELS + rows, mask=row_ok, other=-1)
@@ -220,8 +234,11 @@ def lse_forward_kernel(
         acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
         inv = tl.load(W_INV + cols, mask=col_ok, other=0.0)
-        z = acc * (inv * scale)[None, :]
-        z = tl.where(cols[None, :] == label[:, None], target[:, None], z)
+        c = acc * inv[None, :]
+        if HAS_HARD:
+            threshold, t_hard = _hard_rule(rows, row_ok, HARD, B)
+            c = tl.where(c > threshold, c * (t_hard + c), c)
+        z = tl.where(cols[None, :] == label[:, None], target[:, None], c * scale)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -236,19 +253,19 @@ def lse_forward_kernel(
 @triton.autotune(configs=_configs("bwd"), key=AUTOTUNE_KEY, reset_to_zero=["DW"], restore_value=["DX"])
 @triton.jit
 def lse_backward_kernel(
-    X, W, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, CLASS_INDEX, DX, DW,
+    X, W, W_INV, LABELS, LSE, GRAD, CLASS_INDEX, HARD, DX, DW,
     B, C, D, stride_x, stride_w, scale, B_BUCKET, C_BUCKET,
-    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_HARD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr,
     WITH_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (class tile, row tile): recompute the logits, form
-    e = g s (p - onehot) * slope_at_target / ||w||, then add e . W into dx and
+    e = g s p / ||w|| (``_grad_tile``), then add e . W into dx and
     (WITH_DW) e^T . x_hat into dW (both fp32, through atomics, D chunk by chunk)."""
     rows, row_ok, safe_rows = _tile_rows(tl.program_id(1), B, BLOCK_M)
     cols, col_ok, w_rows = _tile_columns(tl.program_id(0), C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
     acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
                        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
-    e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale)
+    e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD)
 
     for k0 in range(0, D, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -265,9 +282,9 @@ def lse_backward_kernel(
 @triton.autotune(configs=_configs("bwd_dw"), key=AUTOTUNE_KEY)
 @triton.jit
 def lse_backward_dw_kernel(
-    X, W, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, CLASS_INDEX, DW,
+    X, W, W_INV, LABELS, LSE, GRAD, CLASS_INDEX, HARD, DW,
     B, C, D, stride_x, stride_w, scale, B_BUCKET, C_BUCKET,
-    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_HARD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Split backward, dW half. Program (class tile, D chunk): sweep every row
@@ -283,7 +300,7 @@ def lse_backward_dw_kernel(
         rows, row_ok, safe_rows = _tile_rows(pid_m, B, BLOCK_M)
         acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
-        e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale)
+        e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD)
         x_blk = tl.load(X + _offsets(safe_rows, stride_x, ds), mask=d_ok[None, :], other=0.0)
         dw += _grad_dw(e, x_blk, UPCAST, IEEE, SCALE)
     tl.store(DW + _offsets(cols, D, ds), dw, mask=col_ok[:, None] & d_ok[None, :])
@@ -292,9 +309,9 @@ def lse_backward_dw_kernel(
 @triton.autotune(configs=_configs("bwd_dx"), key=AUTOTUNE_KEY, reset_to_zero=["DX"])
 @triton.jit
 def lse_backward_dx_kernel(
-    X, W, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, CLASS_INDEX, DX,
+    X, W, W_INV, LABELS, LSE, GRAD, CLASS_INDEX, HARD, DX,
     B, C, D, stride_x, stride_w, scale, B_BUCKET, C_BUCKET,
-    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_HARD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Split backward, dx half. Program (row tile, class split, D chunk): sweep
@@ -310,7 +327,7 @@ def lse_backward_dx_kernel(
         cols, col_ok, w_rows = _tile_columns(t, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
         acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
                            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
-        e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, TARGET, SLOPE, LSE, GRAD, scale)
+        e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD)
         w_blk = tl.load(W + _offsets(w_rows, stride_w, ds), mask=d_ok[None, :], other=0.0)
         dx += _grad_dx(e, w_blk, UPCAST, IEEE, SCALE)
     tl.atomic_add(DX + _offsets(rows, D, ds), dx, mask=row_ok[:, None] & d_ok[None, :])

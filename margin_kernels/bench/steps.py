@@ -17,13 +17,13 @@ def margin_spec(name: str):
     import margin_kernels as mk
 
     return {"arcface": mk.ArcFace(), "cosface": mk.CosFace(), "none": mk.NormSoftmax(), "adaface": mk.AdaFace(),
-            "magface": mk.MagFace()}[name]
+            "magface": mk.MagFace(), "curricular": mk.CurricularFace()}[name]
 
 
-# Margins whose per-row margins come from the embeddings (norms, statistics):
-# the fused backends run them as their heads do, the naive baseline is the
-# reference written from the paper.
-FEATURE_MARGINS = ("adaface", "magface")
+# Margins with state or terms beyond a fixed per-row triple (norms, running
+# statistics, hard negatives): the fused backends run them as their heads do,
+# the naive baseline is the reference written from the paper.
+FEATURE_MARGINS = ("adaface", "magface", "curricular")
 
 
 def _feature_margin_step(impl: str, margin_name: str, x, w, y):
@@ -31,14 +31,18 @@ def _feature_margin_step(impl: str, margin_name: str, x, w, y):
 
     import margin_kernels as mk
     from margin_kernels import reference
+    from margin_kernels.functional import target_cosines
 
     spec = margin_spec(margin_name)
     mean, std = torch.tensor(20.0, device=x.device), torch.tensor(100.0, device=x.device)
     backend = "triton" if impl == TRITON_SPLIT else impl
     options = mk.KernelOptions(triton_backward="split") if impl == TRITON_SPLIT else None
+    t = torch.tensor(0.3, device=x.device)  # CurricularFace's running t, mid-training
     if impl == "reference":
         if margin_name == "adaface":
             return lambda: reference.adaface_loss(x, w, y, mean, std).backward()
+        if margin_name == "curricular":
+            return lambda: reference.curricularface_loss(x, w, y, t)[0].backward()
         return lambda: reference.magface_loss(x, w, y).backward()
     if impl not in ("cpp", "triton", TRITON_SPLIT):
         raise RuntimeError(f"{impl} has no {margin_name} loss")
@@ -47,6 +51,9 @@ def _feature_margin_step(impl: str, margin_name: str, x, w, y):
         if margin_name == "adaface":
             margins = spec.margins_from_norms(spec.clipped_norms(x), mean, std)
             loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, margins=margins, options=options)
+        elif margin_name == "curricular":  # as nn.CurricularFace: update t, then the loss
+            t_step = spec.updated_t(t, target_cosines(x, w, y), torch.ones_like(y, dtype=torch.bool))
+            loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, curriculum_t=t_step, options=options)
         else:
             a = spec.magnitudes(x)
             loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, margins=spec.margins_from_magnitudes(a),
