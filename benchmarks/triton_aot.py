@@ -4,7 +4,8 @@
     TRITON_INTERPRET=0 python3 benchmarks/triton_aot.py --subset 90      # one config per kernel
 
 prints one JSON line per kernel x autotune config x architecture x dtype x
-(with / without a class index): whether it compiled to a cubin, the matrix
+(with / without a class index; the forward's and atomic backward's sub-center
+candidates with 3 sub-centers): whether it compiled to a cubin, the matrix
 instruction family in the PTX (wgmma on Hopper, mma.sync before), whether loads
 go through cp.async, registers / spill bytes when a ptxas for that PTX is found,
 and ``narrow_offsets``: the pointer additions into a [C, D] or [B, D] buffer
@@ -43,6 +44,7 @@ _DIVISIBLE_BY_16 = ("D", "stride_x", "stride_w")
 WIDE_BUFFERS = {"X", "W", "DX", "DW", "G"}
 TILED = {"fwd": K.lse_forward_kernel, "bwd": K.lse_backward_kernel, "bwd_dw": K.lse_backward_dw_kernel,
          "bwd_dx": K.lse_backward_dx_kernel}
+SUBCENTER_KERNELS = ("fwd", "bwd")
 SMALL = {"norm": (K.row_inv_norm_kernel, {"BLOCK_R": 64, "BLOCK_K": 64}),
          "project": (K.project_rows_kernel, {"BLOCK_D": 512})}
 
@@ -93,22 +95,29 @@ def _resources(ptx: str, arch: int) -> dict:
 
 
 def _jobs(subset: bool):
-    """(kind, config number, constexprs of the config, num_warps, num_stages)."""
+    """(kind, config number, constexprs of the config, num_warps, num_stages,
+    sub-centers): each config with a class index, hard negatives, and 1 or
+    (the sub-center candidates of the kernels that take them) 3 sub-centers."""
     for kind in TILED:
         configs = K._configs(kind, interpret=False)
         for i, cfg in enumerate(configs[:1] if subset else configs):
-            yield kind, i, cfg.kwargs, cfg.num_warps, cfg.num_stages
+            yield kind, i, cfg.kwargs, cfg.num_warps, cfg.num_stages, 1
+        if kind in SUBCENTER_KERNELS:
+            configs = K._configs(kind, interpret=False, subcenters=True)
+            for i, cfg in enumerate(configs[:1] if subset else configs):
+                yield kind, i, cfg.kwargs, cfg.num_warps, cfg.num_stages, 3
     for kind, (_, meta) in SMALL.items():
-        yield kind, 0, meta, 4, 1
+        yield kind, 0, meta, 4, 1, 1
 
 
 def _compile_job(job: tuple) -> dict:
-    kind, _, meta, warps, stages, arch, dtype, has_index = job
+    kind, _, meta, warps, stages, subcenters, arch, dtype, has_index = job
     kernel = TILED[kind] if kind in TILED else SMALL[kind][0]
-    return compile_one(kind, kernel, meta, warps, stages, arch, dtype, has_index)
+    return compile_one(kind, kernel, meta, warps, stages, arch, dtype, has_index, subcenters)
 
 
-def compile_one(kind, kernel, meta, warps, stages, arch: int, dtype: str, has_index: bool) -> dict:
+def compile_one(kind, kernel, meta, warps, stages, arch: int, dtype: str, has_index: bool,
+                subcenters: int = 1) -> dict:
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel  # the JITFunction
     types = {"X": f"*{dtype}", "W": f"*{dtype}", **_POINTERS, **_SCALARS}
     if kind == "project":
@@ -117,13 +126,15 @@ def compile_one(kind, kernel, meta, warps, stages, arch: int, dtype: str, has_in
         types["OUT"] = "*fp32"
     signature = {a: types.get(a, "constexpr") for a in fn.arg_names}
     # the variant with a class index also takes CurricularFace's hard negatives
-    consts = {"HAS_INDEX": has_index, "HAS_HARD": has_index, "UPCAST": False, "IEEE": dtype == "fp32", "SCALE": dtype == "fp16", "WITH_DW": True,
-              **meta}
+    consts = {"HAS_INDEX": has_index, "HAS_HARD": has_index, "SUBCENTERS": subcenters, "UPCAST": False,
+              "IEEE": dtype == "fp32", "SCALE": dtype == "fp16", "WITH_DW": True, **meta}
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if types.get(a, "").startswith("*") or a in _DIVISIBLE_BY_16}
     row = {"kernel": kind, "config": meta, "warps": warps, "stages": stages, "arch": arch, "dtype": dtype,
            "class_index": has_index, "hard": has_index}
+    if "SUBCENTERS" in fn.arg_names:
+        row["subcenters"] = subcenters
     try:
         k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
                            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
@@ -139,11 +150,11 @@ def compile_one(kind, kernel, meta, warps, stages, arch: int, dtype: str, has_in
 
 
 def compile_all(archs: list[int], subset: bool = False, dtypes=("bf16", "fp32"), jobs: int = 1) -> list[dict]:
-    """The subset compiles both index variants of each kernel (their offset math
-    differs); the full matrix every config with the index (the costlier one).
-    ``jobs`` > 1 compiles in that many processes (rows keep their order)."""
+    """The subset compiles both index variants of each kernel (their offset
+    math differs); the full matrix every config with the index (the costlier
+    one). ``jobs`` > 1 compiles in that many processes (rows keep their order)."""
     work = [(*job, arch, dtype, has_index) for job in _jobs(subset) for arch in archs for dtype in dtypes
-            for has_index in ((False, True) if subset else (True,))]
+            for has_index in ((False, True) if subset and job[-1] == 1 else (True,))]
     if jobs <= 1:
         return [_compile_job(w) for w in work]
     import multiprocessing

@@ -41,18 +41,25 @@ void check_vector(const char* name, const at::Tensor& t, int64_t n, at::ScalarTy
               " must be contiguous and on x_hat's device");
 }
 
-// Classes the sweep covers: C, or K with a class index (whose entries must be rows of W).
-int64_t checked_classes(const at::Tensor& weight, const c10::optional<at::Tensor>& class_index,
-                        const at::Tensor& x_hat) {
-  if (!class_index.has_value()) return weight.size(0);
-  const at::Tensor& index = *class_index;
-  check_vector("class_index", index, index.numel(), at::kLong, x_hat);
-  if (index.numel() > 0) {
-    auto [lo, hi] = at::aminmax(index);
-    TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < weight.size(0),
-                "class_index entries must be rows of weight, in [0, ", weight.size(0), ")");
+// Weight rows the sweep covers: C, or K with a class index (whose entries must
+// be rows of W); whole classes of `subcenters` rows each.
+int64_t checked_rows(const at::Tensor& weight, const c10::optional<at::Tensor>& class_index,
+                     int64_t subcenters, const at::Tensor& x_hat) {
+  TORCH_CHECK(subcenters >= 1, "subcenters must be >= 1, got ", subcenters);
+  int64_t rows = weight.size(0);
+  if (class_index.has_value()) {
+    const at::Tensor& index = *class_index;
+    check_vector("class_index", index, index.numel(), at::kLong, x_hat);
+    if (index.numel() > 0) {
+      auto [lo, hi] = at::aminmax(index);
+      TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < weight.size(0),
+                  "class_index entries must be rows of weight, in [0, ", weight.size(0), ")");
+    }
+    rows = index.numel();
   }
-  return index.numel();
+  TORCH_CHECK(rows % subcenters == 0, "the shard's ", rows, " weight rows are not whole classes of subcenters=",
+              subcenters, " rows");
+  return rows;
 }
 
 // CurricularFace's [2, B] float32 (thresholds, t) beside x_hat, when given.
@@ -95,40 +102,40 @@ at::Tensor lse_forward(const at::Tensor& x_hat, const at::Tensor& weight,
                        const at::Tensor& w_inv, const at::Tensor& labels_local,
                        const at::Tensor& target_logit, double scale, int64_t block_classes,
                        const c10::optional<at::Tensor>& class_index,
-                       const c10::optional<at::Tensor>& hard) {
+                       const c10::optional<at::Tensor>& hard, int64_t subcenters) {
   check_layout(x_hat, weight, labels_local);
-  const int64_t classes = checked_classes(weight, class_index, x_hat);
-  check_vector("w_inv", w_inv, classes, at::kFloat, x_hat);
+  const int64_t rows = checked_rows(weight, class_index, subcenters, x_hat);
+  check_vector("w_inv", w_inv, rows, at::kFloat, x_hat);
   check_rows(x_hat, {{"target_logit", &target_logit}});
   check_hard(hard, x_hat);
   TORCH_CHECK(block_classes >= 1, "block_classes must be >= 1, got ", block_classes);
 #ifdef MK_WITH_CUDA
   if (x_hat.is_cuda())
     return margin_kernels::cuda::lse_forward(x_hat, weight, w_inv, labels_local, target_logit, scale,
-                                             block_classes, class_index, hard);
+                                             block_classes, class_index, hard, subcenters);
 #endif
   return margin_kernels::lse_forward(x_hat, weight, w_inv, labels_local, target_logit,
-                                     scale, block_classes, class_index, hard);
+                                     scale, block_classes, class_index, hard, subcenters);
 }
 
 std::tuple<at::Tensor, at::Tensor> lse_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& lse, const at::Tensor& grad_rows,
     double scale, int64_t block_classes, const c10::optional<at::Tensor>& class_index,
-    const c10::optional<at::Tensor>& hard, bool weight_grad) {
+    const c10::optional<at::Tensor>& hard, int64_t subcenters, bool weight_grad) {
   check_layout(x_hat, weight, labels_local);
-  const int64_t classes = checked_classes(weight, class_index, x_hat);
-  check_vector("w_inv", w_inv, classes, at::kFloat, x_hat);
+  const int64_t rows = checked_rows(weight, class_index, subcenters, x_hat);
+  check_vector("w_inv", w_inv, rows, at::kFloat, x_hat);
   check_rows(x_hat, {{"lse", &lse}, {"grad_rows", &grad_rows}});
   check_hard(hard, x_hat);
   TORCH_CHECK(block_classes >= 1, "block_classes must be >= 1, got ", block_classes);
 #ifdef MK_WITH_CUDA
   if (x_hat.is_cuda())
     return margin_kernels::cuda::lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, scale,
-                                              block_classes, class_index, hard, weight_grad);
+                                              block_classes, class_index, hard, subcenters, weight_grad);
 #endif
   return margin_kernels::lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, scale,
-                                      block_classes, class_index, hard, weight_grad);
+                                      block_classes, class_index, hard, subcenters, weight_grad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
@@ -154,11 +161,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lse_forward", &lse_forward, "class-blocked forward: per-row logsumexp",
         py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),
         py::arg("target_logit"), py::arg("scale"), py::arg("block_classes"),
-        py::arg("class_index") = py::none(), py::arg("hard") = py::none());
+        py::arg("class_index") = py::none(), py::arg("hard") = py::none(), py::arg("subcenters") = 1);
   m.def("lse_backward", &lse_backward, "class-blocked backward: (dx_hat, dW)",
         py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),
         py::arg("lse"), py::arg("grad_rows"), py::arg("scale"), py::arg("block_classes"),
-        py::arg("class_index") = py::none(), py::arg("hard") = py::none(), py::arg("weight_grad") = true);
+        py::arg("class_index") = py::none(), py::arg("hard") = py::none(), py::arg("subcenters") = 1,
+        py::arg("weight_grad") = true);
   m.def("fused_forward_backward", &fused_forward_backward,
         "row-chunked single-shard sweep: (lse, dx_hat, dW) in three GEMMs");
 }

@@ -5,12 +5,12 @@
 
 namespace margin_kernels {
 
-// Classes of the shard: C, or K with a class index.
-inline int64_t shard_classes(const at::Tensor& weight, const c10::optional<at::Tensor>& class_index) {
+// Rows of the shard: C, or K with a class index (S per class with sub-centers).
+inline int64_t shard_rows(const at::Tensor& weight, const c10::optional<at::Tensor>& class_index) {
   return class_index.has_value() ? class_index->size(0) : weight.size(0);
 }
 
-// The shard's class rows [start, start + n): a view of `weight`, or a copy of
+// The shard's rows [start, start + n): a view of `weight`, or a copy of
 // the rows weight[class_index[start:start+n]] (one block only) with an index.
 inline at::Tensor class_block(const at::Tensor& weight, const c10::optional<at::Tensor>& class_index,
                               int64_t start, int64_t n) {

@@ -18,6 +18,10 @@
      rows, and labels_local count positions in the index.                                    \
      `hard` (optional, float32 [2, B]: thresholds, then t): CurricularFace's hard             \
      negatives, a non-target cosine c > threshold[i] counts as c (t[i] + c).                 \
+     `subcenters` (S >= 1): each class is S consecutive rows of `weight` (or of the          \
+     index), its cosine the max over them; w_inv and dW count rows (S per class),            \
+     labels_local and block_classes count classes, and a class's gradient goes to its       \
+     arg-max row (the first of ties).                                                        \
      Sweeps class blocks of `block_classes` and returns the shard's logsumexp per            \
      row. Column `labels_local[i]` (when >= 0) takes `target_logit[i]` instead of            \
      s * cos. Never holds more than B x block_classes logits. */                             \
@@ -25,7 +29,7 @@
                          const at::Tensor& w_inv, const at::Tensor& labels_local,            \
                          const at::Tensor& target_logit, double scale, int64_t block_classes, \
                          const c10::optional<at::Tensor>& class_index,                       \
-                         const c10::optional<at::Tensor>& hard);                             \
+                         const c10::optional<at::Tensor>& hard, int64_t subcenters);         \
                                                                                              \
   /* Recomputes each class block and returns (dx_hat float32 [B, D], dW [C, D] in            \
      weight's dtype), for row weights `grad_rows` and the global `lse`, without the          \
@@ -36,7 +40,7 @@
       const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,            \
       const at::Tensor& labels_local, const at::Tensor& lse, const at::Tensor& grad_rows,    \
       double scale, int64_t block_classes, const c10::optional<at::Tensor>& class_index,     \
-      const c10::optional<at::Tensor>& hard, bool weight_grad);
+      const c10::optional<at::Tensor>& hard, int64_t subcenters, bool weight_grad);
 
 namespace margin_kernels {
 

@@ -44,6 +44,17 @@ def check_batch(embeddings: object, labels: object, *, dtypes: tuple = FLOAT_DTY
         raise ValueError(f"labels has {labels.shape[0]} rows but embeddings have B = {embeddings.shape[0]}")
 
 
+def check_subcenters(subcenters: object, weight_rows: int | None = None) -> None:
+    """Sub-centers per class: an int >= 1 that divides the weight's rows."""
+    if isinstance(subcenters, bool) or not isinstance(subcenters, int):
+        raise TypeError(f"subcenters must be an int >= 1, got {subcenters!r}")
+    if subcenters < 1:
+        raise ValueError(f"subcenters must be >= 1, got {subcenters}")
+    if weight_rows is not None and weight_rows % subcenters:
+        raise ValueError(f"weight has {weight_rows} rows, not a multiple of subcenters={subcenters} (a sub-center "
+                         "weight is [C * subcenters, D], class c's sub-centers at rows c * subcenters ...)")
+
+
 def check_args(embeddings: Tensor, weight: Tensor, labels: Tensor, margin: Margin, reduction: str) -> None:
     """Types, shapes, dtypes and devices (free, and traceable by torch.compile)."""
     _tensor("embeddings", embeddings)

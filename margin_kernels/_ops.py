@@ -30,6 +30,8 @@ def margin_ce_rows(
     target_grad_x: Tensor,
     target_grad_w: Tensor,
     hard: Optional[Tensor],
+    target_subcenter: Optional[Tensor],
+    subcenters: int,
     s: float,
     ignore_index: int,
     backend: str,
@@ -42,25 +44,28 @@ def margin_ce_rows(
 
     ``target_grad_x`` / ``target_grad_w``: the target logits' gradients (see
     ``_targets``), used by the backward. ``hard``: CurricularFace's [2, B]
-    (thresholds, t), or None. ``check``: validate labels and x_hat
+    (thresholds, t), or None. ``subcenters``: weight rows per class (K), with
+    ``target_subcenter`` [B] the sub-center of each row's target (None for
+    K = 1). ``check``: validate labels and x_hat
     here (under torch.compile, where the caller cannot); weight is always
     checked, from its row norms. ``workspace_bytes``, ``triton_backward`` and
     ``tf32`` are the resolved :class:`~margin_kernels.backends.KernelOptions`.
     """
     if check:
-        check_values(x_hat, None, labels, ignore_index, num_classes=weight.shape[0])
+        check_values(x_hat, None, labels, ignore_index, num_classes=weight.shape[0] // subcenters)
     kernels = backends.load(backend)
     options = backends.KernelOptions(workspace_bytes, triton_backward, tf32)
     labels_local = _labels_local(labels, ignore_index)
     targets = Targets(target_logit, target_grad_x, target_grad_w)
-    lse, w_inv = shard_forward(kernels, x_hat, weight, labels_local, targets, scale=s, options=options, hard=hard)
+    lse, w_inv = shard_forward(kernels, x_hat, weight, labels_local, targets, scale=s, options=options, hard=hard,
+                               subcenters=subcenters)
     loss = torch.where(labels_local >= 0, lse - target_logit, torch.zeros_like(lse))
     return loss, lse, w_inv
 
 
 @margin_ce_rows.register_fake
-def _(x_hat, weight, labels, target_logit, target_grad_x, target_grad_w, hard, s, ignore_index, backend,
-      workspace_bytes, triton_backward, tf32, check):
+def _(x_hat, weight, labels, target_logit, target_grad_x, target_grad_w, hard, target_subcenter, subcenters, s,
+      ignore_index, backend, workspace_bytes, triton_backward, tf32, check):
     b, c = x_hat.shape[0], weight.shape[0]
     return x_hat.new_empty(b), x_hat.new_empty(b), x_hat.new_empty(c)
 
@@ -76,6 +81,8 @@ def margin_ce_rows_backward(
     target_grad_x: Tensor,
     target_grad_w: Tensor,
     hard: Optional[Tensor],
+    target_subcenter: Optional[Tensor],
+    subcenters: int,
     lse: Tensor,
     s: float,
     ignore_index: int,
@@ -93,34 +100,36 @@ def margin_ce_rows_backward(
     g = torch.where(labels_local >= 0, grad_rows.float(), torch.zeros_like(lse))
     targets = Targets(target_logit, target_grad_x, target_grad_w)
     dx, dw = shard_backward(kernels, x_hat, weight, w_inv, labels_local, targets, lse, g, scale=s, options=options,
-                            hard=hard, weight_grad=weight_grad)
+                            hard=hard, subcenters=subcenters, target_subcenter=target_subcenter,
+                            weight_grad=weight_grad)
     return dx, dw if dw is not None else weight.new_empty(0, weight.shape[1])
 
 
 @margin_ce_rows_backward.register_fake
-def _(grad_rows, x_hat, weight, w_inv, labels, target_logit, target_grad_x, target_grad_w, hard, lse, s, ignore_index,
-      backend, workspace_bytes, triton_backward, tf32, weight_grad):
+def _(grad_rows, x_hat, weight, w_inv, labels, target_logit, target_grad_x, target_grad_w, hard, target_subcenter,
+      subcenters, lse, s, ignore_index, backend, workspace_bytes, triton_backward, tf32, weight_grad):
     return torch.empty_like(x_hat), weight.new_empty(weight.shape if weight_grad else (0, weight.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):
-    x_hat, weight, labels, target_logit, grad_x, grad_w, hard, *args, _ = inputs  # args: s ... tf32
+    x_hat, weight, labels, target_logit, grad_x, grad_w, hard, target_subcenter, subcenters, *args, _ = inputs
     _, lse, w_inv = output
-    ctx.save_for_backward(x_hat, weight, w_inv, labels, target_logit, grad_x, grad_w, hard, lse)
-    ctx.args = tuple(args)
+    ctx.save_for_backward(x_hat, weight, w_inv, labels, target_logit, grad_x, grad_w, hard, target_subcenter, lse)
+    ctx.subcenters = subcenters
+    ctx.args = tuple(args)  # s ... tf32
     ctx.mark_non_differentiable(lse, w_inv)
 
 
 def _backward(ctx, grad_loss, grad_lse, grad_w_inv):
-    x_hat, weight, w_inv, labels, target_logit, grad_x, grad_w, hard, lse = ctx.saved_tensors
+    x_hat, weight, w_inv, labels, target_logit, grad_x, grad_w, hard, target_subcenter, lse = ctx.saved_tensors
     weight_grad = ctx.needs_input_grad[1]
     dx_hat, dw = margin_ce_rows_backward(grad_loss, x_hat, weight, w_inv, labels, target_logit, grad_x, grad_w, hard,
-                                         lse, *ctx.args, weight_grad)
+                                         target_subcenter, ctx.subcenters, lse, *ctx.args, weight_grad)
     d_logit = None
     if ctx.needs_input_grad[3]:  # margins that need their gradient (MagFace)
         own = _labels_local(labels, ctx.args[1]) >= 0
         d_logit = target_logit_grad(target_logit, lse, own, grad_loss.float())
-    return (dx_hat, dw if weight_grad else None, None, d_logit) + (None,) * 10
+    return (dx_hat, dw if weight_grad else None, None, d_logit) + (None,) * 12
 
 
 margin_ce_rows.register_autograd(_backward, setup_context=_setup_context)

@@ -82,10 +82,11 @@ def gather_full(pfc: "PartialFC", dst: int | None = None) -> Tensor | None:
     Shards travel one at a time through a buffer of one shard on the weight's
     device; a [C, D] gather on the device would not fit at the sizes PartialFC is for.
     """
-    group, weight = pfc._group, pfc.weight.detach()
+    group, weight, k = pfc._group, pfc.weight.detach(), pfc.subcenters
     splits = [class_split(pfc.num_classes, group.size, r) for r in range(group.size)]
+    splits = [(start * k, count * k) for start, count in splits]  # in weight rows
     wanted = dst is None or group.rank == dst
-    full = torch.empty((pfc.num_classes, pfc.embedding_size), dtype=weight.dtype) if wanted else None
+    full = torch.empty((pfc.num_classes * k, pfc.embedding_size), dtype=weight.dtype) if wanted else None
     buffer = torch.empty((max(n for _, n in splits), pfc.embedding_size), dtype=weight.dtype, device=weight.device)
     for r, (start, count) in enumerate(splits):
         part = buffer[:count]
@@ -134,7 +135,7 @@ def save_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer |
     entry = {"file": name, "start": start, "end": end, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     shards = group.all_gather_object(entry)  # also: every rank's file is complete
     if group.rank == 0:
-        meta = {"format": FORMAT, "save_id": save_id, "num_classes": pfc.num_classes,
+        meta = {"format": FORMAT, "save_id": save_id, "num_classes": pfc.num_classes, "subcenters": pfc.subcenters,
                 "embedding_size": pfc.embedding_size, "dtype": str(pfc.weight.dtype), "world_size": group.size,
                 "shards": shards, "buffers": {name: buf.detach().cpu() for name, buf in pfc.named_buffers()}}
         _atomic_write(_serialize(meta), os.path.join(path, META))
@@ -203,6 +204,10 @@ def _load_from(pfc: "PartialFC", path: str, meta: dict, optimizer: torch.optim.O
     if (meta["num_classes"], meta["embedding_size"]) != expected:
         raise ValueError(f"{path}: checkpoint holds [{meta['num_classes']}, {meta['embedding_size']}] classes x dims, "
                          f"this PartialFC is {list(expected)}")
+    k = pfc.subcenters
+    if meta.get("subcenters", 1) != k:
+        raise ValueError(f"{path}: checkpoint has {meta.get('subcenters', 1)} sub-center(s) per class, this "
+                         f"PartialFC {k}")
     lo, hi = pfc.class_start, pfc.class_start + pfc.num_local
     covered = lo
     weight = pfc.weight.detach()
@@ -218,7 +223,7 @@ def _load_from(pfc: "PartialFC", path: str, meta: dict, optimizer: torch.optim.O
             break
         shard = _load_shard(path, entry)
         a, b = max(start, lo), min(end, hi)
-        new_weight[a - lo : b - lo].copy_(shard["weight"][a - start : b - start])
+        new_weight[(a - lo) * k : (b - lo) * k].copy_(shard["weight"][(a - start) * k : (b - start) * k])
         if optimizer is not None:
             saved = shard["optimizer"]
             if saved is None:
@@ -227,9 +232,9 @@ def _load_from(pfc: "PartialFC", path: str, meta: dict, optimizer: torch.optim.O
             for key, value in saved.items():
                 if isinstance(value, Tensor) and value.shape == shard["weight"].shape:
                     if key not in new_state:
-                        new_state[key] = torch.empty((pfc.num_local,) + value.shape[1:], dtype=value.dtype,
+                        new_state[key] = torch.empty((pfc.num_local * k,) + value.shape[1:], dtype=value.dtype,
                                                      device=weight.device)
-                    new_state[key][a - lo : b - lo].copy_(value[a - start : b - start])
+                    new_state[key][(a - lo) * k : (b - lo) * k].copy_(value[(a - start) * k : (b - start) * k])
                 elif key not in new_state:
                     new_state[key] = value.clone() if isinstance(value, Tensor) else value
         covered = max(covered, b)

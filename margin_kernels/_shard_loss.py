@@ -19,10 +19,11 @@ from ._targets import Targets, add_target_gradients, target_logit_grad
 
 
 def shard_forward(kernels, x_hat: Tensor, weight: Tensor, labels_local: Tensor, targets: Targets, *, scale: float,
-                  options, class_index: Tensor | None = None, hard: Tensor | None = None,
+                  options, class_index: Tensor | None = None, hard: Tensor | None = None, subcenters: int = 1,
                   group: Group | None = None) -> tuple[Tensor, Tensor]:
-    """(logsumexp per row over every shard's classes, 1/||w_j|| of this shard).
-    ``hard``: CurricularFace's [2, B] (thresholds, t), or None.
+    """(logsumexp per row over every shard's classes, 1/||w_j|| of this shard's
+    rows). ``hard``: CurricularFace's [2, B] (thresholds, t), or None;
+    ``subcenters``: weight rows per class.
 
     Without ``group`` a bad weight row raises here; with one, each rank's flag
     travels in the SUM all-reduce of the logsumexp, so a bad shard raises on
@@ -31,7 +32,7 @@ def shard_forward(kernels, x_hat: Tensor, weight: Tensor, labels_local: Tensor, 
     if group is None:
         check_weight_norms(w_inv, weight, class_index)
     lse = kernels.lse_forward(x_hat, weight, w_inv, labels_local, targets.logit, scale=scale, options=options,
-                              class_index=class_index, hard=hard)
+                              class_index=class_index, hard=hard, subcenters=subcenters)
     if group is None:
         return lse, w_inv
     row_max = group.all_reduce(lse.clone(), "max")
@@ -47,15 +48,17 @@ def shard_forward(kernels, x_hat: Tensor, weight: Tensor, labels_local: Tensor, 
 
 def shard_backward(kernels, x_hat: Tensor, weight: Tensor, w_inv: Tensor, labels_local: Tensor, targets: Targets,
                    lse: Tensor, grad_rows: Tensor, *, scale: float, options, class_index: Tensor | None = None,
-                   hard: Tensor | None = None, weight_grad: bool = True) -> tuple[Tensor, Tensor | None]:
+                   hard: Tensor | None = None, subcenters: int = 1, target_subcenter: Tensor | None = None,
+                   weight_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """(d/dx_hat, d/dW of this shard, None without ``weight_grad``) for per-row
     upstream gradients ``grad_rows`` (zero for ignored rows). The kernels leave
-    the target columns out; their exact gradient is added by ``_targets``."""
+    the target columns out; their exact gradient is added by ``_targets`` (to
+    the sub-center ``target_subcenter`` of each row's class, with sub-centers)."""
     dx_hat, dw = kernels.lse_backward(
         x_hat, weight, w_inv, labels_local, lse, grad_rows, scale=scale, options=options, class_index=class_index,
-        hard=hard, weight_grad=weight_grad,
+        hard=hard, subcenters=subcenters, weight_grad=weight_grad,
     )
-    add_target_gradients(dx_hat, dw, targets, labels_local, lse, grad_rows, w_inv)
+    add_target_gradients(dx_hat, dw, targets, labels_local, lse, grad_rows, w_inv, subcenters, target_subcenter)
     return dx_hat, dw
 
 
@@ -119,19 +122,22 @@ class ShardedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_hat, weight, labels_local, target_logit, target_grad_x, target_grad_w, valid, class_index, hard,
-                scale, kernels, group, options):
+                target_subcenter, subcenters, scale, kernels, group, options):
         targets = Targets(target_logit, target_grad_x, target_grad_w)
         lse, w_inv = shard_forward(kernels, x_hat, weight, labels_local, targets, scale=scale, options=options,
-                                   class_index=class_index, hard=hard, group=group)
+                                   class_index=class_index, hard=hard, subcenters=subcenters, group=group)
         count = valid.sum().clamp_min(1).float()
         loss = torch.where(valid, lse - targets.logit, torch.zeros_like(lse)).sum() / count
-        ctx.save_for_backward(x_hat, weight, w_inv, labels_local, lse, valid, class_index, hard, *targets)
+        ctx.save_for_backward(x_hat, weight, w_inv, labels_local, lse, valid, class_index, hard, target_subcenter,
+                              *targets)
         ctx.scale, ctx.kernels, ctx.options, ctx.count = scale, kernels, options, count
+        ctx.subcenters = subcenters
         return loss, lse
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
-        x_hat, weight, w_inv, labels_local, lse, valid, class_index, hard, *target_parts = ctx.saved_tensors
+        x_hat, weight, w_inv, labels_local, lse, valid, class_index, hard, target_subcenter, *target_parts = \
+            ctx.saved_tensors
         targets = Targets(*target_parts)
         g = torch.where(valid, grad_loss / ctx.count, torch.zeros_like(lse))
         weight_grad = ctx.needs_input_grad[1]  # False for a frozen weight: no dW products, no dW memory
@@ -141,6 +147,7 @@ class ShardedLoss(torch.autograd.Function):
         d_logit = target_logit_grad(targets.logit, lse, labels_local >= 0, g) if ctx.needs_input_grad[3] else None
         dx_hat, dw = shard_backward(ctx.kernels, x_hat, weight, w_inv, labels_local, targets, lse, g,
                                     scale=ctx.scale, options=ctx.options, class_index=class_index, hard=hard,
+                                    subcenters=ctx.subcenters, target_subcenter=target_subcenter,
                                     weight_grad=weight_grad)
         if weight_grad and class_index is not None:
             if weight.is_leaf:
@@ -152,4 +159,4 @@ class ShardedLoss(torch.autograd.Function):
                 dw = None
             else:  # rows outside the sample get a zero gradient
                 dw = torch.zeros_like(weight).index_copy_(0, class_index, dw)
-        return (dx_hat, dw, None, d_logit) + (None,) * 9
+        return (dx_hat, dw, None, d_logit) + (None,) * 11

@@ -59,6 +59,17 @@ def geometry(embeddings: Tensor, w_rows: Tensor, mask: Tensor | None = None) -> 
     return Geometry(c, sin, perp_x, perp_w)
 
 
+@torch.no_grad()
+def nearest_subcenters(embeddings: Tensor, weight: Tensor, classes: Tensor, subcenters: int) -> Tensor:
+    """For sub-center weights ([C*K, D], class c's sub-centers at rows c*K ...
+    c*K + K - 1): the sub-center k of class ``classes[i]`` nearest to row i,
+    int64 [B], from float64 cosines (the first of ties)."""
+    rows = classes.long()[:, None] * subcenters + torch.arange(subcenters, device=classes.device)
+    x = F.normalize(embeddings.detach().double(), dim=1, eps=NORM_EPS)
+    w = F.normalize(weight.detach()[rows.flatten()].double(), dim=1, eps=NORM_EPS).view(*rows.shape, -1)
+    return torch.einsum("bd,bkd->bk", x, w).argmax(dim=1)
+
+
 def prepare_targets(geo: Geometry, margins: RowMargins, margin: Margin) -> Targets:
     """Target logits and their gradients from the rows' geometry and margins.
 
@@ -81,15 +92,19 @@ def target_logit_grad(logit: Tensor, lse: Tensor, own: Tensor, grad_rows: Tensor
 
 
 def add_target_gradients(dx_hat: Tensor, dw: Tensor | None, targets: Targets, labels_local: Tensor, lse: Tensor,
-                         grad_rows: Tensor, w_inv: Tensor) -> None:
+                         grad_rows: Tensor, w_inv: Tensor, subcenters: int = 1,
+                         target_subcenter: Tensor | None = None) -> None:
     """Add the target columns' share of the gradient, in place: row i (with a
     target in this shard, ``labels_local[i] >= 0``) has dL/d(s t) =
     g_i (p_i - 1), p_i = exp(s t_i - lse_i); d/dx_hat gets that times grad_x,
-    and row labels_local[i] of dW gets it times grad_w / ||w||."""
+    and the target's row of dW (row labels_local[i], or with sub-centers
+    labels_local[i] * K + target_subcenter[i]) gets it times grad_w / ||w||."""
     own = labels_local >= 0
     p = torch.exp(targets.logit - lse)
     a = torch.where(own, grad_rows.float() * (p - 1.0), torch.zeros_like(p))
     dx_hat.add_(a[:, None] * targets.grad_x)
     if dw is not None and dw.shape[0] > 0:
         rows = labels_local.clamp_min(0)
+        if subcenters > 1:
+            rows = rows * subcenters + target_subcenter
         dw.index_add_(0, rows, ((a * w_inv[rows])[:, None] * targets.grad_w).to(dw.dtype))

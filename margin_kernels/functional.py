@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, reference
-from ._checks import FUSED_DTYPES, check_args, check_margins, check_values
+from ._checks import FUSED_DTYPES, check_args, check_margins, check_subcenters, check_values
 from ._ops import _labels_local  # also registers the margin_kernels:: custom ops
 from ._shard_loss import SinglePassLoss
-from ._targets import geometry, prepare_targets
+from ._targets import geometry, nearest_subcenters, prepare_targets
 from .margins import NORM_EPS, CurricularFace, Margin, RowMargins
 
 __all__ = ["margin_cross_entropy", "draw_margins"]
@@ -25,24 +25,39 @@ def draw_margins(
     *,
     ignore_index: int = -100,
     generator: torch.Generator | None = None,
+    subcenters: int = 1,
 ) -> RowMargins:
     """The per-row (m1, m2, m3) that ``margin_cross_entropy`` would use for this batch.
 
     Sorted elastic margins need the rows' target cosines; they are computed
-    here from a gather of B weight rows, as margin_cross_entropy does.
+    here from a gather of B weight rows (B x K with sub-centers), as
+    margin_cross_entropy does.
     """
     valid = labels != ignore_index
-    cos_y = target_cosines(embeddings, weight, labels, ignore_index) if margin.needs_target_cosine else None
+    cos_y = target_cosines(embeddings, weight, labels, ignore_index, subcenters) if margin.needs_target_cosine else None
     return margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=cos_y, valid=valid, generator=generator)
 
 
-def target_cosines(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+def target_cosines(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100,
+                   subcenters: int = 1) -> Tensor:
     """cos(x_i, w_{y_i}) per row, float32, from the same float64 geometry as the
     fused path (0 for ignored rows; labels are clamped into range, the loss
-    itself rejects bad ones)."""
+    itself rejects bad ones); with sub-centers, the nearest one's."""
     valid = labels != ignore_index
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
-    return geometry(embeddings, weight.index_select(0, safe_labels), mask=valid).cos.float()
+    rows, _ = _target_rows(embeddings, weight, labels, valid, subcenters)
+    return geometry(embeddings, weight.index_select(0, rows), mask=valid).cos.float()
+
+
+def _target_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, valid: Tensor,
+                 subcenters: int) -> tuple[Tensor, Tensor | None]:
+    """(the weight row of each row's target, int64 [B]; the sub-center it is,
+    or None without sub-centers). Ignored rows point at class 0."""
+    classes = weight.shape[0] // subcenters
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, classes - 1)
+    if subcenters == 1:
+        return safe_labels, None
+    sub = nearest_subcenters(embeddings, weight, safe_labels, subcenters)
+    return safe_labels * subcenters + sub, sub
 
 
 def margin_cross_entropy(
@@ -60,6 +75,7 @@ def margin_cross_entropy(
     margins: RowMargins | None = None,
     options: backends.KernelOptions | None = None,
     curriculum_t: Tensor | float | None = None,
+    subcenters: int = 1,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Margin-softmax cross-entropy of ``embeddings`` against class ``weight``.
 
@@ -71,6 +87,8 @@ def margin_cross_entropy(
     Args:
         embeddings: [B, D] float32, bfloat16 or float16 (float64: reference only).
         weight: [C, D] class weights of the same dtype and device; not normalized.
+            With ``subcenters=K``: [C * K, D], class c's sub-centers at rows
+            c * K ... c * K + K - 1.
         labels: [B] integer class indices in [0, C), or ``ignore_index``.
         margin: a margin spec: ``ArcFace()``, ``CosFace()``, ``CombinedMargin()``...
         reduction: ``"mean"`` (over rows not ignored; 0 when all are), ``"sum"`` or ``"none"``.
@@ -89,12 +107,17 @@ def margin_cross_entropy(
         curriculum_t: CurricularFace's t for this step (required with a
             ``CurricularFace`` margin, and only there); used as given, the
             caller updates it (:class:`margin_kernels.nn.CurricularFace` does).
+        subcenters: sub-center ArcFace's K (Deng et al., ECCV 2020): each
+            class's cosine is the max over its K sub-centers, its gradient goes
+            to the arg-max one; combines with every margin. The fused kernels
+            take the max inside each class block (no B x C x K tensor).
 
     Returns:
         The loss (a scalar, or [B] for ``reduction="none"``) in float32, and the
         [B] logsumexp if ``return_lse``.
     """
     check_args(embeddings, weight, labels, margin, reduction)
+    check_subcenters(subcenters, weight.shape[0])
     curriculum_t = _check_curriculum_t(margin, curriculum_t, embeddings.device)
     options = kernel_options(options, workspace_bytes)
     if margins is not None:
@@ -105,20 +128,21 @@ def margin_cross_entropy(
     compiling = torch.compiler.is_compiling()
     if not compiling:  # the fused paths check weight from its row norms
         check_values(embeddings, weight if name == "reference" else None, labels, ignore_index,
-                     num_classes=weight.shape[0])
+                     num_classes=weight.shape[0] // subcenters)
 
     valid = labels != ignore_index
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, weight.shape[0] - 1)
-    geo = geometry(embeddings, weight.index_select(0, safe_labels))
+    rows, target_subcenter = _target_rows(embeddings, weight, labels, valid, subcenters)
+    geo = geometry(embeddings, weight.index_select(0, rows))
     hard = None if curriculum_t is None else margin.hard_rule(geo.cos, geo.sin, curriculum_t, valid)
 
     if name == "reference":
         flags = dict(overflow=margin.overflow, easy_margin=margin.easy_margin, detach_margin=margin.detach_margin)
         if margins is None:
-            margins = draw_margins(embeddings, weight, labels, margin, ignore_index=ignore_index, generator=generator)
+            margins = draw_margins(embeddings, weight, labels, margin, ignore_index=ignore_index, generator=generator,
+                                   subcenters=subcenters)
         loss, lse = reference.margin_cross_entropy(
             embeddings, weight, labels, margins, s=margin.s, reduction=reduction, ignore_index=ignore_index,
-            hard=hard, **flags
+            hard=hard, subcenters=subcenters, **flags
         )
         return (loss, lse) if return_lse else loss
 
@@ -130,7 +154,7 @@ def margin_cross_entropy(
     kernels = backends.load(name)
     options = options.resolved()
 
-    if hard is None and _can_fuse(kernels, weight, reduction, compiling, labels.shape[0], options):
+    if hard is None and subcenters == 1 and _can_fuse(kernels, weight, reduction, compiling, labels.shape[0], options):
         labels_local = _labels_local(labels, ignore_index)
         row_scale = valid.float()
         if reduction == "mean":
@@ -141,7 +165,7 @@ def margin_cross_entropy(
     else:
         rows, lse, _ = torch.ops.margin_kernels.margin_ce_rows(
             x_hat.contiguous(), weight.contiguous(), labels, targets.logit, targets.grad_x, targets.grad_w, hard,
-            float(margin.s), int(ignore_index), name, options.workspace_bytes, options.triton_backward, options.tf32,
+            target_subcenter, subcenters, float(margin.s), int(ignore_index), name, options.workspace_bytes, options.triton_backward, options.tf32,
             compiling,
         )
         loss = reference.reduce_rows(rows, valid, reduction)

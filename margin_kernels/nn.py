@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from . import margins as _margins
 from .backends import KernelOptions
 from .functional import draw_margins, kernel_options, margin_cross_entropy, target_cosines
+from ._checks import check_subcenters
 from .margins import Margin, RowMargins
 
 __all__ = [
@@ -42,6 +43,11 @@ class MarginSoftmaxLoss(nn.Module):
         reduction, ignore_index, backend, workspace_bytes, options: as in ``margin_cross_entropy``.
         generator: source of elastic draws; ``last_margins`` keeps the last step's.
         device, dtype: of the weight (initialized N(0, 0.01) like insightface).
+        subcenters: K sub-centers per class (sub-center ArcFace, Deng et al.
+            2020; the paper uses 3): the weight is then [num_classes * K, D],
+            class c's sub-centers at rows c * K ... c * K + K - 1, and a class's
+            cosine is the max over them. Combines with every margin;
+            ``margin_kernels.subcenters`` has the paper's clean-up step.
     """
 
     last_margins: RowMargins | None
@@ -60,17 +66,20 @@ class MarginSoftmaxLoss(nn.Module):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        subcenters: int = 1,
     ) -> None:
         super().__init__()
         if embedding_size < 1 or num_classes < 1:
             raise ValueError(f"embedding_size and num_classes must be >= 1, got {embedding_size} and {num_classes}")
+        check_subcenters(subcenters)
         self.margin = margin
+        self.subcenters = subcenters
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.backend = backend
         self.options = kernel_options(options, workspace_bytes)
         self.generator = generator
-        self.weight = nn.Parameter(torch.empty(num_classes, embedding_size, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(num_classes * subcenters, embedding_size, device=device, dtype=dtype))
         self.last_margins = None
         self.reset_parameters()
 
@@ -79,7 +88,8 @@ class MarginSoftmaxLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         row_margins = draw_margins(
-            embeddings, self.weight, labels, self.margin, ignore_index=self.ignore_index, generator=self.generator
+            embeddings, self.weight, labels, self.margin, ignore_index=self.ignore_index, generator=self.generator,
+            subcenters=self.subcenters,
         )
         self.last_margins = row_margins
         return margin_cross_entropy(
@@ -92,15 +102,19 @@ class MarginSoftmaxLoss(nn.Module):
             backend=self.backend,
             options=self.options,
             margins=row_margins,
+            subcenters=self.subcenters,
         )
 
     def extra_repr(self) -> str:
         c, d = self.weight.shape
-        return f"embedding_size={d}, num_classes={c}, margin={self.margin}, backend={self.backend!r}"
+        sub = f", subcenters={self.subcenters}" if self.subcenters > 1 else ""
+        return (f"embedding_size={d}, num_classes={c // self.subcenters}{sub}, margin={self.margin}, "
+                f"backend={self.backend!r}")
 
 
 def _named_head(spec: type[Margin]) -> type[MarginSoftmaxLoss]:
-    loss_kwargs = ("reduction", "ignore_index", "backend", "workspace_bytes", "options", "generator", "device", "dtype")
+    loss_kwargs = ("reduction", "ignore_index", "backend", "workspace_bytes", "options", "generator", "device", "dtype",
+                   "subcenters")
 
     def __init__(self, embedding_size: int, num_classes: int, *margin_args, **kwargs) -> None:
         head_kwargs = {k: kwargs.pop(k) for k in loss_kwargs if k in kwargs}
@@ -156,7 +170,7 @@ class AdaFace(MarginSoftmaxLoss):
         self.last_margins = row_margins
         return margin_cross_entropy(embeddings, self.weight, labels, spec, reduction=self.reduction,
                                     ignore_index=self.ignore_index, backend=self.backend, options=self.options,
-                                    margins=row_margins)
+                                    margins=row_margins, subcenters=self.subcenters)
 
 
 class MagFace(MarginSoftmaxLoss):
@@ -184,7 +198,7 @@ class MagFace(MarginSoftmaxLoss):
         self.last_margins = row_margins
         loss = margin_cross_entropy(embeddings, self.weight, labels, spec, reduction=self.reduction,
                                     ignore_index=self.ignore_index, backend=self.backend, options=self.options,
-                                    margins=row_margins)
+                                    margins=row_margins, subcenters=self.subcenters)
         valid = labels != self.ignore_index
         reg = torch.where(valid, spec.regularizer(a), torch.zeros_like(a))
         if self.reduction == "none":
@@ -222,11 +236,11 @@ class CurricularFace(MarginSoftmaxLoss):
         if self.training and isinstance(embeddings, Tensor) and isinstance(labels, Tensor) \
                 and embeddings.dim() == 2 and embeddings.shape[1] == self.weight.shape[1] \
                 and labels.shape == embeddings.shape[:1]:  # (anything else raises in the loss)
-            cos_y = target_cosines(embeddings, self.weight, labels, self.ignore_index)
+            cos_y = target_cosines(embeddings, self.weight, labels, self.ignore_index, self.subcenters)
             t = spec.updated_t(self.t, cos_y, labels != self.ignore_index)
         loss = margin_cross_entropy(embeddings, self.weight, labels, spec, reduction=self.reduction,
                                     ignore_index=self.ignore_index, backend=self.backend, options=self.options,
-                                    curriculum_t=t)
+                                    curriculum_t=t, subcenters=self.subcenters)
         if t is not self.t:
             with torch.no_grad():
                 self.t.copy_(t)

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _shard_io, backends
-from ._checks import FUSED_DTYPES, bad_values, check_batch, check_values
+from ._checks import FUSED_DTYPES, bad_values, check_batch, check_subcenters, check_values
 from ._shard_loss import ShardedLoss
 from ._sharding import Group, class_split
-from ._targets import geometry, prepare_targets
+from ._targets import geometry, nearest_subcenters, prepare_targets
 from .functional import kernel_options
 from .margins import NORM_EPS, AdaFace, CombinedMargin, CurricularFace, MagFace, Margin, RowMargins
 
@@ -86,6 +86,10 @@ class PartialFC(nn.Module):
             weight's device type, where everything is drawn.
         workspace_bytes: scratch budget of the fused kernels (a shorthand for
             ``options=KernelOptions(workspace_bytes=...)``).
+        subcenters: K sub-centers per class (sub-center ArcFace): this rank's
+            weight is [C_local * K, D], class c's sub-centers at rows c * K ...
+            c * K + K - 1 (a class's sub-centers stay on one rank), and the
+            full matrix of ``state_dict()`` / ``full_weight()`` is [C * K, D].
 
     ``forward(embeddings, labels)`` takes this rank's rows (any number, zero
     included) and returns the mean loss over the global batch, the same on every
@@ -93,8 +97,8 @@ class PartialFC(nn.Module):
     into ``weight.grad`` (created as zeros when None), so no second dense C x D
     gradient ever exists; unsampled rows get a zero gradient, as in insightface's
     PartialFC_V2, so an optimizer with momentum or weight decay still moves them.
-    ``last_sampled_index`` holds the rows the last step used, for a rows-only
-    optimizer update. A NaN/Inf weight row raises (on every rank) in the step
+    ``last_sampled_index`` holds the weight rows the last step used (K per
+    sampled class with sub-centers), for a rows-only optimizer update. A NaN/Inf weight row raises (on every rank) in the step
     that reads it. (Gradient hooks registered on ``weight`` do not see these
     sampled-step gradients.)
 
@@ -123,8 +127,10 @@ class PartialFC(nn.Module):
         workspace_bytes: int | None = None,
         sample_rounding: Literal["ceil", "floor"] = "ceil",
         options: backends.KernelOptions | None = None,
+        subcenters: int = 1,
     ) -> None:
         super().__init__()
+        check_subcenters(subcenters)
         if sample_rounding not in ("ceil", "floor"):
             raise ValueError(f"sample_rounding must be 'ceil' or 'floor', got {sample_rounding!r}")
         if embedding_size < 1 or num_classes < 1:
@@ -140,13 +146,15 @@ class PartialFC(nn.Module):
             raise ValueError(f"generator must be on the weight's device type ({device.type}): samples and margins are "
                              f"drawn there without a host round trip; got a generator on {generator.device}")
         self._group = Group(process_group)
-        self._check_same_configuration(embedding_size, num_classes, margin, sample_rate, dtype, sample_rounding, device)
+        self._check_same_configuration(embedding_size, num_classes, margin, sample_rate, dtype, sample_rounding, device,
+                                       subcenters)
         self.embedding_size, self.num_classes, self.margin = embedding_size, num_classes, margin
+        self.subcenters = subcenters
         self.sample_rate, self.backend, self.generator = sample_rate, backend, generator
         self.sample_rounding = sample_rounding
         self.options = kernel_options(options, workspace_bytes)
         self.class_start, self.num_local = class_split(num_classes, self._group.size, self._group.rank)
-        self.weight = nn.Parameter(torch.empty(self.num_local, embedding_size, device=device)
+        self.weight = nn.Parameter(torch.empty(self.num_local * subcenters, embedding_size, device=device)
                                    .normal_(0.0, 0.01, generator=generator).to(dtype))
         self.last_sampled_index = None
         if isinstance(margin, AdaFace):  # statistics of the global batch: the same on every rank
@@ -157,7 +165,7 @@ class PartialFC(nn.Module):
         self.register_load_state_dict_pre_hook(_slice_full_weight)
 
     def _check_same_configuration(self, embedding_size, num_classes, margin, sample_rate, dtype, sample_rounding,
-                                  device) -> None:
+                                  device, subcenters) -> None:
         """Every rank must build the same module: a different embedding size
         aborted a rank inside the collectives, a different class count left
         classes that no rank owns, a different margin gave each rank another
@@ -166,7 +174,7 @@ class PartialFC(nn.Module):
             return
         fields = {"embedding_size": embedding_size, "num_classes": num_classes, "margin": zlib.crc32(repr(margin).encode()),
                   "sample_rate": sample_rate, "dtype": zlib.crc32(str(dtype).encode()),
-                  "sample_rounding": zlib.crc32(sample_rounding.encode())}
+                  "sample_rounding": zlib.crc32(sample_rounding.encode()), "subcenters": subcenters}
         mine = torch.tensor([list(fields.values())], dtype=torch.float64, device=device)
         table = self._group.all_gather_rows(mine, [1] * self._group.size).tolist()
         differ = [name for i, name in enumerate(fields) if any(row[i] != table[0][i] for row in table)]
@@ -174,7 +182,8 @@ class PartialFC(nn.Module):
             ranks = [r for r, row in enumerate(table) if row != table[0]]
             raise ValueError(f"PartialFC: ranks disagree on {', '.join(differ)} (rank(s) {ranks} differ from rank 0; "
                              f"here: embedding_size={embedding_size}, num_classes={num_classes}, margin={margin}, "
-                             f"sample_rate={sample_rate}, dtype={dtype}, sample_rounding={sample_rounding!r})")
+                             f"sample_rate={sample_rate}, dtype={dtype}, sample_rounding={sample_rounding!r}, "
+                             f"subcenters={subcenters})")
 
     # ------------------------------------------------------------------ insightface
 
@@ -239,8 +248,13 @@ class PartialFC(nn.Module):
             # Each row's owner knows its target geometry (a gather of every row's
             # clamped class, masked: no host sync); cos and sin are summed over
             # ranks so that every rank computes the same margins and target logits.
+            target_subcenter = None
             if self.num_local > 0:
-                geo = geometry(x, self.weight.index_select(0, rows_local.clamp_min(0)), mask=rows_local >= 0)
+                target_rows = rows_local.clamp_min(0)
+                if self.subcenters > 1:  # the owner picks each row's nearest sub-center
+                    target_subcenter = nearest_subcenters(x, self.weight, target_rows, self.subcenters)
+                    target_rows = target_rows * self.subcenters + target_subcenter
+                geo = geometry(x, self.weight.index_select(0, target_rows), mask=rows_local >= 0)
             else:
                 geo = geometry(x, torch.ones_like(x), mask=torch.zeros_like(valid))
             cos_sin = group.all_reduce(torch.stack([geo.cos, geo.sin]))
@@ -263,11 +277,14 @@ class PartialFC(nn.Module):
         class_index, labels_local = None, rows_local
         if self.sample_rate < 1.0:
             class_index, labels_local = self._sample(rows_local, sum(sizes))
+            if self.subcenters > 1:  # each sampled class's rows
+                class_index = (class_index[:, None] * self.subcenters
+                               + torch.arange(self.subcenters, device=class_index.device)).flatten()
         self.last_sampled_index = class_index
         kernels = backends.load(backends.resolve(self.backend, x.device) if self.backend == "auto" else self.backend)
         loss, _ = ShardedLoss.apply(
-            x_hat.contiguous(), self.weight, labels_local, *targets, valid, class_index, hard,
-            float(self.margin.s), kernels, group, self.options.resolved(),
+            x_hat.contiguous(), self.weight, labels_local, *targets, valid, class_index, hard, target_subcenter,
+            self.subcenters, float(self.margin.s), kernels, group, self.options.resolved(),
         )
         if magnitudes is not None:
             # MagFace's regularizer over the global batch: every rank computes the
@@ -386,7 +403,8 @@ class PartialFC(nn.Module):
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "
                 f"classes [{self.class_start}, {self.class_start + self.num_local}) on rank {self._group.rank}/"
-                f"{self._group.size}, sample_rate={self.sample_rate}, margin={self.margin}")
+                f"{self._group.size}, sample_rate={self.sample_rate}, margin={self.margin}"
+                + (f", subcenters={self.subcenters}" if self.subcenters > 1 else ""))
 
 
 def _slice_full_weight(module: PartialFC, state_dict, prefix, *args) -> None:
@@ -394,7 +412,8 @@ def _slice_full_weight(module: PartialFC, state_dict, prefix, *args) -> None:
     key = prefix + "weight"
     if key in state_dict:
         full = state_dict[key]
-        if tuple(full.shape) != (module.num_classes, module.embedding_size):
-            raise ValueError(f"{key}: expected the full class matrix [{module.num_classes}, {module.embedding_size}], "
-                             f"got {tuple(full.shape)}")
-        state_dict[key] = full[module.class_start : module.class_start + module.num_local]
+        k = module.subcenters
+        if tuple(full.shape) != (module.num_classes * k, module.embedding_size):
+            raise ValueError(f"{key}: expected the full class matrix [{module.num_classes * k}, "
+                             f"{module.embedding_size}], got {tuple(full.shape)}")
+        state_dict[key] = full[module.class_start * k : (module.class_start + module.num_local) * k]

@@ -56,23 +56,30 @@ def margin_cross_entropy(
     reduction: str = "mean",
     ignore_index: int = -100,
     hard: Tensor | None = None,
+    subcenters: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Loss (reduced as asked) and per-row logsumexp, the naive way. ``hard``
     ([2, B]: thresholds, t): a non-target cosine above its row's threshold
-    counts as c (t + c), t a constant (CurricularFace)."""
+    counts as c (t + c), t a constant (CurricularFace). ``subcenters`` (K):
+    ``weight`` is [C*K, D], class c's sub-centers at rows c*K ... c*K + K - 1,
+    and a class's cosine is the max over them (its gradient to the arg-max)."""
     compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     x_hat = F.normalize(embeddings.to(compute), dim=1, eps=NORM_EPS)
     w_hat = F.normalize(weight.to(compute), dim=1, eps=NORM_EPS)
     cos = x_hat @ w_hat.t()
-
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    target = _margin_target(cos.gather(1, safe_labels[:, None]).squeeze(1), x_hat, w_hat.index_select(0, safe_labels),
+    target_rows = safe_labels
+    if subcenters > 1:  # B x C x K: the naive way
+        cos, nearest = cos.view(cos.shape[0], -1, subcenters).max(dim=2)
+        target_rows = safe_labels * subcenters + nearest.gather(1, safe_labels[:, None]).squeeze(1)
+
+    target = _margin_target(cos.gather(1, safe_labels[:, None]).squeeze(1), x_hat, w_hat.index_select(0, target_rows),
                             margins, overflow, easy_margin, detach_margin)
     if hard is not None:
         threshold, t = (v.detach().to(compute)[:, None] for v in hard)
         cos = torch.where(cos > threshold, cos * (t + cos), cos)
-    onehot = F.one_hot(safe_labels, weight.shape[0]).bool() & valid[:, None]
+    onehot = F.one_hot(safe_labels, cos.shape[1]).bool() & valid[:, None]
     logits = torch.where(onehot, (s * target)[:, None], s * cos)
 
     lse = torch.logsumexp(logits, dim=1)

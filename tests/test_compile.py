@@ -48,7 +48,7 @@ def test_meta_device_plans_shapes():
     y = torch.empty(4096, dtype=torch.long, device="meta")
     rows, lse, w_inv = torch.ops.margin_kernels.margin_ce_rows(
         x, w, y, torch.empty(4096, device="meta"), torch.empty(4096, 512, device="meta"),
-        torch.empty(4096, 512, device="meta"), None, 64.0, -100, "cpp", 2**26, "atomic", False, False
+        torch.empty(4096, 512, device="meta"), None, None, 1, 64.0, -100, "cpp", 2**26, "atomic", False, False
     )
     assert rows.shape == (4096,) and lse.shape == (4096,) and w_inv.shape == (1_000_000,)
 

@@ -1,12 +1,56 @@
-"""Sub-center ArcFace: the reference written from the paper (gradcheck) and
-the clean-up step. The fused loss with sub-centers is not implemented yet."""
+"""Sub-center ArcFace: the reference written from the paper (gradcheck), the
+fused loss of every backend against it (with every margin, CurricularFace's
+hard negatives, sampled PartialFC), and the clean-up step."""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from margin_kernels import reference
+import margin_kernels as mk
+from margin_kernels import backends, reference
 from margin_kernels.subcenters import dominant_subcenters, far_from_dominant
+
+from _dist import run_ranks
+from conftest import backend_device, rel_err, requires_cpp
+
+BACKENDS = ["cpp"] + (["triton"] if backends.is_available("triton") else [])
+K = 3
+
+
+def subcenter_gap(x, w, k=K):
+    """min over (row, class) of the gap between the two nearest sub-centers:
+    the data must keep every backend on the same arg-max."""
+    cos = F.normalize(x.double(), dim=1) @ F.normalize(w.double(), dim=1).t()
+    top = cos.view(x.shape[0], -1, k).topk(2, dim=2).values
+    return (top[..., 0] - top[..., 1]).min().item()
+
+
+def problem(b=23, d=12, c=41, k=K, seed=0, ignore=(3,)):
+    """Odd shapes; each row near one sub-center of its class."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(c * k, d, generator=g)
+    y = torch.randint(0, c, (b,), generator=g)
+    sub = torch.randint(0, k, (b,), generator=g)
+    x = torch.randn(b, d, generator=g) + 1.5 * F.normalize(w[y * k + sub], dim=1) * d**0.5
+    for i in ignore:
+        y[i] = -100
+    return x, w, y
+
+
+# Seeds whose two nearest sub-centers stay more than 1e-4 apart everywhere
+# (in bf16 and fp16 too for the first).
+PROBLEMS = [problem(seed=seed) for seed in (5, 2, 7)]
+MARGINS = {"ArcFace": mk.ArcFace(), "CosFace": mk.CosFace(),
+           "Combined": mk.CombinedMargin(s=48.0, m1=1.3, m2=0.25, m3=0.15), "SphereFace": mk.SphereFace(s=32.0)}
+
+
+def test_the_problems_keep_away_from_ties():
+    for x, w, _ in PROBLEMS:
+        assert subcenter_gap(x, w) > 1e-4
+    x, w, _ = PROBLEMS[0]
+    for dtype in (torch.bfloat16, torch.float16):
+        assert subcenter_gap(x.to(dtype).float(), w.to(dtype).float()) > 1e-4
 
 
 def test_reference_gradcheck_reaches_the_argmax_only():
@@ -18,26 +62,286 @@ def test_reference_gradcheck_reaches_the_argmax_only():
     assert torch.autograd.gradcheck(lambda a, b: reference.subcenter_loss(a, b, y, subcenters=k), (x, w))
     reference.subcenter_loss(x, w, y, subcenters=k).backward()
     # rows of W that are the arg-max of no (sample, class) pair get no gradient
-    cos = torch.nn.functional.normalize(x[:6].detach()) @ torch.nn.functional.normalize(w.detach()).t()
+    cos = F.normalize(x[:6].detach()) @ F.normalize(w.detach()).t()
     used = torch.zeros(c * k, dtype=torch.bool)
     used[(cos.view(6, c, k).argmax(2) + torch.arange(c) * k).flatten()] = True
     assert (w.grad[~used] == 0).all() and (w.grad[used].abs().sum(1) > 0).all()
 
 
+def test_generic_reference_gradcheck():
+    """The generic oracle with sub-centers and a margin of every term."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4 * 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 1, -100])
+    margin = MARGINS["Combined"]
+    m = margin.row_margins(6)
+    loss = lambda a, b: reference.margin_cross_entropy(a, b, y, m, s=margin.s, subcenters=2)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(loss, (x, w))
+
+
 def test_with_one_subcenter_it_is_arcface():
     g = torch.Generator().manual_seed(1)
     x, w, y = torch.randn(9, 8, generator=g), torch.randn(11, 8, generator=g), torch.randint(0, 11, (9,), generator=g)
-    from margin_kernels import ArcFace
-
-    loss, _ = reference.margin_cross_entropy(x, w, y, ArcFace().row_margins(9), s=64.0)
+    loss, _ = reference.margin_cross_entropy(x, w, y, mk.ArcFace().row_margins(9), s=64.0)
     assert abs(reference.subcenter_loss(x, w, y, subcenters=1).item() - loss.item()) < 1e-4
 
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+def test_the_loss_equals_the_paper(backend):
+    """margin_cross_entropy(..., subcenters=3) with ArcFace against
+    subcenter_loss, written from the paper."""
+    x, w, y = PROBLEMS[0]
+    xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = reference.subcenter_loss(xr, wr, y, subcenters=K, s=64.0, m=0.5)
+    ref.backward()
+    dev = backend_device(backend)
+    xg, wg = x.to(dev).clone().requires_grad_(True), w.to(dev).clone().requires_grad_(True)
+    loss = mk.margin_cross_entropy(xg, wg, y.to(dev), mk.ArcFace(), backend=backend, subcenters=K)
+    loss.backward()
+    assert rel_err(loss.detach().cpu(), ref.detach()) < 1e-5
+    assert rel_err(xg.grad.cpu(), xr.grad) < 1e-5 and rel_err(wg.grad.cpu(), wr.grad) < 1e-5
+
+
+def test_subcenters_are_not_a_no_op():
+    """The max over sub-centers changes the loss: the tests here can fail."""
+    x, w, y = PROBLEMS[0]
+    with_k = mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend="reference", subcenters=K)
+    first_only = mk.margin_cross_entropy(x, w[::K].contiguous(), y, mk.ArcFace(), backend="reference")
+    assert abs(with_k.item() - first_only.item()) > 1e-1
+
+
+def _fused_vs_reference(backend, margin, reduction, case=0, dtype=torch.float32, options=None, hard_t=None):
+    x, w, y = PROBLEMS[case]
+    x, w = x.to(dtype), w.to(dtype)
+    m = margin.row_margins(x.shape[0])
+    extra = {} if hard_t is None else dict(curriculum_t=hard_t)
+    xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = mk.margin_cross_entropy(xr, wr, y, margin, backend="reference", reduction=reduction, margins=m,
+                                  subcenters=K, **extra)
+    torch.manual_seed(7)
+    upstream = torch.rand_like(ref) if ref.dim() else torch.ones_like(ref)
+    (ref * upstream).sum().backward()
+    dev = backend_device(backend)
+    xf, wf = x.to(dev).clone().requires_grad_(True), w.to(dev).clone().requires_grad_(True)
+    loss = mk.margin_cross_entropy(xf, wf, y.to(dev), margin, backend=backend, reduction=reduction,
+                                   margins=tuple(v.to(dev) for v in m), subcenters=K, options=options, **extra)
+    (loss * upstream.float().to(dev)).sum().backward()
+    return (loss.detach().cpu(), ref.detach()), (xf.grad.float().cpu(), xr.grad), (wf.grad.float().cpu(), wr.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("name", list(MARGINS))
+def test_backends_equal_the_reference(backend, reduction, name):
+    # single_pass=True: the shortcut has no sub-centers; the call must not take it
+    pairs = _fused_vs_reference(backend, MARGINS[name], reduction, case=1,
+                                options=mk.KernelOptions(single_pass=True))
+    for got, want in pairs:
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("options", [mk.KernelOptions(workspace_bytes=4096),
+                                     mk.KernelOptions(triton_backward="split")], ids=["small-blocks", "split"])
+def test_blocks_and_backwards(backend, options):
+    """Several class blocks (cpp) / the split backward request (triton, which
+    runs the atomic one with sub-centers)."""
+    for got, want in _fused_vs_reference(backend, mk.ArcFace(), "mean", case=2, options=options):
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(backend, dtype):
+    """Half-precision inputs (the reference sees the same rounded values);
+    small workspace: bf16/fp16 dW goes through chunks of an fp32 scratch."""
+    options = mk.KernelOptions(workspace_bytes=4096)
+    for got, want in _fused_vs_reference(backend, mk.ArcFace(), "mean", dtype=dtype, options=options):
+        assert rel_err(got, want) < 2e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_with_curricularface_hard_negatives(backend):
+    """Sub-centers under CurricularFace's modulation: the hard rule applies to
+    each class's max cosine."""
+    x, w, y = PROBLEMS[0]
+    t = torch.tensor(0.3)
+    cos = F.normalize(x.double(), dim=1) @ F.normalize(w.double(), dim=1).t()
+    cos = cos.view(x.shape[0], -1, K).amax(2)
+    valid = y != -100
+    c_y = cos[valid].gather(1, y[valid, None]).clamp(-1, 1)
+    gap = (cos[valid] - torch.cos(torch.acos(c_y) + 0.5)).abs()
+    assert gap.min() > 2e-5 and (cos[valid] > torch.cos(torch.acos(c_y) + 0.5)).sum() > y.shape[0]  # hard ones exist
+    for got, want in _fused_vs_reference(backend, mk.CurricularFace(), "mean", hard_t=t):
+        assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_frozen_weight(backend):
+    x, w, y = PROBLEMS[0]
+    dev = backend_device(backend)
+    xr = x.double().requires_grad_(True)
+    mk.margin_cross_entropy(xr, w.double(), y, mk.ArcFace(), backend="reference", subcenters=K).backward()
+    xf = x.to(dev).clone().requires_grad_(True)
+    mk.margin_cross_entropy(xf, w.to(dev), y.to(dev), mk.ArcFace(), backend=backend, subcenters=K).backward()
+    assert rel_err(xf.grad.cpu(), xr.grad) < 1e-5
+
+
+def test_heads_own_a_subcenter_weight():
+    x, w, y = PROBLEMS[0]
+    head = mk.nn.ArcFace(12, 41, subcenters=K)
+    assert head.weight.shape == (41 * K, 12) and "subcenters=3" in repr(head)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    want = mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend="reference", subcenters=K)
+    assert rel_err(head(x, y).detach(), want) < 1e-5
+    curricular = mk.nn.CurricularFace(12, 41, subcenters=K)
+    with torch.no_grad():
+        curricular.weight.copy_(w)
+    loss = curricular(x, y)
+    t = mk.CurricularFace().updated_t(torch.tensor(0.0), mk.functional.target_cosines(x, w, y, subcenters=K), y != -100)
+    assert abs(curricular.t.item() - t.item()) < 1e-7
+    assert rel_err(loss.detach(), mk.margin_cross_entropy(x, w, y, mk.CurricularFace(), backend="reference",
+                                                          curriculum_t=t, subcenters=K)) < 1e-5
+
+
+def test_compiles_fullgraph():
+    def loss_fn(x, w, y):
+        return mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend="cpp", subcenters=K)
+
+    x, w, y = PROBLEMS[0]
+    x = x.clone().requires_grad_(True)
+    eager = torch.autograd.grad(loss_fn(x, w, y), x)[0]
+    compiled = torch.autograd.grad(torch.compile(loss_fn, backend="aot_eager", fullgraph=True)(x, w, y), x)[0]
+    assert rel_err(compiled, eager) < 1e-5
+
+
+def test_bad_input():
+    x, w, y = PROBLEMS[0]
+    with pytest.raises(ValueError, match="not a multiple of subcenters=3"):
+        mk.margin_cross_entropy(x, w[:-1], y, mk.ArcFace(), subcenters=K)
+    with pytest.raises(ValueError, match="subcenters must be >= 1"):
+        mk.margin_cross_entropy(x, w, y, mk.ArcFace(), subcenters=0)
+    with pytest.raises(TypeError, match="subcenters must be an int"):
+        mk.margin_cross_entropy(x, w, y, mk.ArcFace(), subcenters=3.0)
+    with pytest.raises(ValueError, match="labels must be in \\[0, 41\\)"):
+        mk.margin_cross_entropy(x, w, torch.full_like(y, 41), mk.ArcFace(), subcenters=K)
+    with pytest.raises(ValueError, match="subcenters must be >= 1"):
+        mk.nn.ArcFace(12, 41, subcenters=0)
+    with pytest.raises(ValueError, match="subcenters must be >= 1"):
+        mk.PartialFC(12, 41, mk.ArcFace(), subcenters=-1)
+
+
+@requires_cpp
+def test_the_kernels_check_whole_classes():
+    from margin_kernels import _C
+
+    x = F.normalize(torch.randn(4, 8), dim=1)
+    w = torch.randn(5, 8)
+    inv = 1 / w.norm(dim=1)
+    labels = torch.zeros(4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="not whole classes of subcenters=2"):
+        _C.lse_forward(x, w, inv, labels, torch.zeros(4), 1.0, 2, None, None, 2)
+    with pytest.raises(RuntimeError, match="subcenters must be >= 1"):
+        _C.lse_backward(x, w, inv, labels, torch.zeros(4), torch.ones(4), 1.0, 2, None, None, 0, True)
+
+
+# ---------------------------------------------------------------- PartialFC
+
+def _reference_step(x, w, y, classes=None):
+    """The single-process reference over ``classes`` (all of them by default):
+    loss, dx and dW (zero outside the classes' rows)."""
+    c = w.shape[0] // K
+    classes = torch.arange(c) if classes is None else classes
+    remap = torch.full((c,), -1, dtype=torch.long)
+    remap[classes] = torch.arange(classes.numel())
+    y_sub = torch.where(y >= 0, remap[y.clamp_min(0)], -100)
+    rows = (classes[:, None] * K + torch.arange(K)).flatten()
+    xr, wr = x.double().requires_grad_(True), w[rows].double().requires_grad_(True)
+    loss = mk.margin_cross_entropy(xr, wr, y_sub, mk.ArcFace(), backend="reference", subcenters=K)
+    loss.backward()
+    dw = torch.zeros_like(w, dtype=torch.float64).index_copy_(0, rows, wr.grad)
+    return loss.detach(), xr.grad, dw
+
+
+@requires_cpp
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_partial_fc_in_one_process(sample_rate):
+    x, w, y = PROBLEMS[0]
+    pfc = mk.PartialFC(12, 41, mk.ArcFace(), sample_rate=sample_rate, subcenters=K,
+                       generator=torch.Generator().manual_seed(0))
+    pfc.load_state_dict({"weight": w})
+    xg = x.clone().requires_grad_(True)
+    loss = pfc(xg, torch.where(y == -100, -1, y))
+    loss.backward()
+    classes = None
+    if sample_rate < 1.0:
+        rows = pfc.last_sampled_index
+        assert rows.numel() % K == 0 and (rows.view(-1, K) % K == torch.arange(K)).all()
+        classes = rows.view(-1, K)[:, 0] // K
+    want_loss, want_dx, want_dw = _reference_step(x, w, y, classes)
+    assert rel_err(loss.detach(), want_loss) < 1e-5
+    assert rel_err(xg.grad, want_dx) < 1e-5 and rel_err(pfc.weight.grad, want_dw) < 1e-5
+    assert pfc.state_dict()["weight"].shape == (41 * K, 12) and "subcenters=3" in repr(pfc)
+
+
+@requires_cpp
+def test_partial_fc_sharded_checkpoints_keep_subcenters_together(tmp_path):
+    w = PROBLEMS[0][1]
+    pfc = mk.PartialFC(12, 41, mk.ArcFace(), subcenters=K)
+    pfc.load_state_dict({"weight": w})
+    pfc.save_sharded(str(tmp_path / "ckpt"))
+    again = mk.PartialFC(12, 41, mk.ArcFace(), subcenters=K)
+    again.load_sharded(str(tmp_path / "ckpt"))
+    assert torch.equal(again.weight.detach(), w)
+    with pytest.raises(ValueError, match="sub-center"):
+        mk.PartialFC(12, 41, mk.ArcFace(), subcenters=2).load_sharded(str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match="expected the full class matrix"):
+        mk.PartialFC(12, 41, mk.ArcFace()).load_state_dict({"weight": w})
+
+
+def _subcenter_ranks(rank, world, sizes, sample_rate):
+    pfc = mk.PartialFC(12, 41, mk.ArcFace(), sample_rate=sample_rate, subcenters=K,
+                       generator=torch.Generator().manual_seed(rank))
+    x, w, y = PROBLEMS[1]
+    pfc.load_state_dict({"weight": w})
+    start = sum(sizes[:rank])
+    xr = x[start : start + sizes[rank]].clone().requires_grad_(True)
+    loss = pfc(xr, torch.where(y == -100, -1, y)[start : start + sizes[rank]])
+    loss.backward()
+    index = pfc.last_sampled_index
+    return dict(loss=loss.detach(), dx=xr.grad, dw=pfc.weight.grad.clone(), start=pfc.class_start,
+                count=pfc.num_local, classes=None if index is None else index.view(-1, K)[:, 0] // K + pfc.class_start,
+                saved=pfc.state_dict()["weight"])
+
+
+@requires_cpp
+@pytest.mark.slow
+@pytest.mark.parametrize("world, sizes, sample_rate", [(2, [9, 14], 1.0), (3, [5, 0, 18], 0.5)])
+def test_partial_fc_over_ranks(tmp_path, world, sizes, sample_rate):
+    """Uneven (and empty) batches over 2-3 gloo ranks, sampled and not, equal
+    one process over the classes the ranks read; each rank holds whole classes."""
+    results = run_ranks(_subcenter_ranks, world, sizes, sample_rate, outdir=str(tmp_path))
+    x, w, y = PROBLEMS[1]
+    classes = None if sample_rate == 1.0 else torch.cat([r["classes"] for r in results])
+    want_loss, want_dx, want_dw = _reference_step(x, w, y, classes)
+    for rank, r in enumerate(results):
+        assert rel_err(r["loss"], want_loss) < 1e-5
+        start = sum(sizes[:rank])
+        if sizes[rank]:
+            assert rel_err(r["dx"], want_dx[start : start + sizes[rank]]) < 1e-5
+        assert rel_err(r["dw"], want_dw[r["start"] * K : (r["start"] + r["count"]) * K]) < 1e-5
+        assert torch.equal(r["saved"], w)
+
+
+# ---------------------------------------------------------------- clean-up
 
 def _clustered(n_per_class=40, classes=6, k=3, d=16, noisy=4, seed=0):
     """Each class's samples around its sub-center 1 (dominant), a few around
     sub-center 2, and ``noisy`` samples per class pointing away from them."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.nn.functional.normalize(torch.randn(classes * k, d, generator=g), dim=1)
+    w = F.normalize(torch.randn(classes * k, d, generator=g), dim=1)
     xs, ys, noise = [], [], []
     for c in range(classes):
         for i in range(n_per_class):

@@ -1,5 +1,6 @@
 """The Triton kernels compile for sm_90 / sm_80 (no GPU needed): bf16 tiles on
-Hopper use its tensor-core instruction, wgmma, without spills, and no pointer
+Hopper use its tensor-core instruction, wgmma, without spills (with and
+without sub-centers), and no pointer
 offset into a [C, D] or [B, D] buffer is 32-bit (it would wrap past 2^31
 elements: C > 4,194,304 classes at D = 512).
 
@@ -58,6 +59,7 @@ def test_narrow_offsets_are_found():
 def test_one_config_per_kernel_compiles_for_hopper_with_64bit_offsets():
     rows = aot("--subset", "90", "--dtypes", "bf16", "fp16")
     assert {r["kernel"] for r in rows} == {"fwd", "bwd", "bwd_dw", "bwd_dx", "norm", "project"}
+    assert {r["kernel"] for r in rows if r.get("subcenters") == 3} == {"fwd", "bwd"}
     check(rows)
 
 
@@ -68,7 +70,11 @@ def test_every_kernel_config_compiles():
     rows = aot("90", "80", "--dtypes", "bf16", "fp32")
     configs = sum(len(triton_kernels._configs(kind, interpret=False)) for kind in ("fwd", "bwd", "bwd_dw", "bwd_dx"))
     assert configs == 5 + 4 + 4 + 4
-    assert len(rows) == (configs + 2) * 2 * 2  # (+ norm, project) x archs x dtypes, with the class index
+    with_subcenters = sum(len(triton_kernels._configs(kind, interpret=False, subcenters=True)) for kind in ("fwd", "bwd"))
+    assert with_subcenters == 3 + 2
+    # (+ norm, project) x archs x dtypes, with the class index
+    assert len(rows) == (configs + with_subcenters + 2) * 2 * 2
+    assert sum(r.get("subcenters") == 3 for r in rows) == with_subcenters * 2 * 2
     check(rows)
     for r in rows:
         print(json.dumps(r))

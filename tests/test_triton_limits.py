@@ -35,12 +35,13 @@ if backends.is_available("triton"):
     import triton
     import triton.language as tl
 
-    from margin_kernels.backends.triton_kernels import _offsets, _tile_columns
+    from margin_kernels.backends.triton_kernels import _offsets, _subcenter_rows, _tile_columns
 
     @triton.jit
     def offsets_kernel(OUT, CLASS_INDEX, pid_n, C, stride_w, D, HAS_INDEX: tl.constexpr, BLOCK_N: tl.constexpr):
         """The offsets the kernels load W's last 4 columns of class tile pid_n from."""
-        cols, col_ok, w_rows = _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
+        cols, col_ok = _tile_columns(pid_n, C, BLOCK_N)
+        _, w_rows = _subcenter_rows(cols, C, CLASS_INDEX, 0, 1, HAS_INDEX)
         ks = D - 4 + tl.arange(0, 4)
         tl.store(OUT + tl.arange(0, BLOCK_N)[:, None] * 4 + tl.arange(0, 4)[None, :], _offsets(w_rows, stride_w, ks))
 
@@ -191,7 +192,9 @@ def test_autotune_key_is_bucketed(tb, monkeypatch):
 
     assert K.autotune_bucket(1) == 1 and K.autotune_bucket(37) == 64 and K.autotune_bucket(64) == 64
     assert K.autotune_bucket(1_000_001) == 2**20
-    for kernel in (K.lse_forward_kernel, K.lse_backward_kernel, K.lse_backward_dw_kernel, K.lse_backward_dx_kernel):
+    for kernel in (K.lse_forward_kernel, K.lse_backward_kernel):  # (SUBCENTERS is fixed per model)
+        assert list(kernel.keys) == ["B_BUCKET", "C_BUCKET", "D", "SUBCENTERS"]
+    for kernel in (K.lse_backward_dw_kernel, K.lse_backward_dx_kernel):
         assert list(kernel.keys) == ["B_BUCKET", "C_BUCKET", "D"]
     seen = []
     original = K.lse_forward_kernel.run
@@ -207,6 +210,22 @@ def test_autotune_key_is_bucketed(tb, monkeypatch):
         with torch.no_grad():
             mk.margin_cross_entropy(x.to(DEVICE), w.to(DEVICE), y.to(DEVICE), mk.ArcFace(), backend="triton")
     assert seen == [(64, 128, 16)] * 3
+
+
+def test_subcenters_tune_over_their_own_tiles():
+    """On a GPU, SUBCENTERS > 1 prunes the candidates to the smaller tiles that
+    do not spill (and SUBCENTERS = 1 to the plain ones)."""
+    from margin_kernels.backends import triton_kernels as K
+
+    for kind in ("fwd", "bwd"):
+        spec = K._with_subcenter_configs(kind, interpret=False)
+        prune = spec["prune_configs_by"]["early_config_prune"]
+        configs = spec["configs"]
+        plain = [c.kwargs for c in prune(configs, {}, SUBCENTERS=1)]
+        sub = [c.kwargs for c in prune(configs, {}, SUBCENTERS=3)]
+        assert plain == [c.kwargs for c in K._configs(kind, interpret=False)]
+        assert sub == [c.kwargs for c in K._configs(kind, interpret=False, subcenters=True)]
+        assert max(c["BLOCK_M"] * c["BLOCK_N"] for c in sub) < max(c["BLOCK_M"] * c["BLOCK_N"] for c in plain)
 
 
 # ---------------------------------------------------------------- half weights

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "../blocks.h"
 #include "../margin_ce.h"
@@ -78,6 +79,24 @@ void project_rows(const Tensor& grad, const Tensor& w, const float* inv) {
   });
 }
 
+// Sub-center rows of a block to class columns. Without sub-centers the row
+// epilogue scales column j by inv[j] itself; with them the row is collapsed
+// first (class cosines, already scaled) and the epilogue scales by ones.
+class SubcenterScale {
+ public:
+  SubcenterScale(int64_t subs, int64_t block) : subs_(subs), ones_(subs > 1 ? block : 0, 1.0f) {}
+  // The inv the epilogue applies to the row's first n columns.
+  const float* columns(float* row, const float* inv, int64_t n, int32_t* arg) const {
+    if (subs_ == 1) return inv;
+    cpu::collapse_subcenters(row, inv, n, subs_, arg);
+    return ones_.data();
+  }
+
+ private:
+  int64_t subs_;
+  std::vector<float> ones_;
+};
+
 // out <- a @ b into existing storage. at::mm_out with a transposed operand
 // computes into a temporary of out's size and copies it (measured: +64 MiB at
 // 83 x 200k); addmm_ with beta = 0 writes in place and never reads out.
@@ -113,14 +132,17 @@ Tensor row_inv_norms(const Tensor& weight, double eps) {
 Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
                    const Tensor& labels_local, const Tensor& target_logit,
                    double scale, int64_t block_classes,
-                   const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& hard) {
-  const int64_t B = x_hat.size(0), C = shard_classes(weight, class_index);
+                   const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& hard,
+                   int64_t subcenters) {
+  const int64_t S = subcenters;
+  const int64_t B = x_hat.size(0), C = shard_rows(weight, class_index) / S;
   const int64_t K = std::min(std::max<int64_t>(block_classes, 1), C);
   Tensor row_max = at::full({B}, -std::numeric_limits<float>::infinity(), x_hat.options());
   Tensor row_sum = at::zeros({B}, x_hat.options());
   if (B == 0) return row_max;
   if (C == 0) return row_max;
-  Tensor buffer = at::empty({B, K}, x_hat.options());
+  Tensor buffer = at::empty({B, K * S}, x_hat.options());
+  const SubcenterScale sub(S, K);
   float* m = row_max.data_ptr<float>();
   float* l = row_sum.data_ptr<float>();
   const float* inv = w_inv.data_ptr<float>();
@@ -131,13 +153,15 @@ Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_in
 
   for (int64_t c0 = 0; c0 < C; c0 += K) {
     const int64_t k = std::min(K, C - c0);
-    Tensor z = scratch_view(buffer, B, k);
-    gemm_into(z, x_hat, float_block(weight, class_index, c0, k).t());
+    Tensor z = scratch_view(buffer, B, k * S);
+    gemm_into(z, x_hat, float_block(weight, class_index, c0 * S, k * S).t());
     float* zp = z.data_ptr<float>();
-    at::parallel_for(0, B, grain_for(k), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, B, grain_for(k * S), [&](int64_t r0, int64_t r1) {
+      std::vector<int32_t> arg(S > 1 ? k : 0);
       for (int64_t i = r0; i < r1; ++i) {
-        float* row = zp + i * k;
-        const ZRow zr = logits_to_z(row, inv + c0, k, s, lab[i], c0, tgt[i], hard_rows, i);
+        float* row = zp + i * k * S;
+        const float* col_inv = sub.columns(row, inv + c0 * S, k, arg.data());
+        const ZRow zr = logits_to_z(row, col_inv, k, s, lab[i], c0, tgt[i], hard_rows, i);
         const float new_max = std::max(m[i], zr.max);
         l[i] = l[i] * std::exp(m[i] - new_max) + cpu::row_sum_exp(row, k, new_max);
         m[i] = new_max;
@@ -151,15 +175,18 @@ std::tuple<Tensor, Tensor> lse_backward(
     const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
     const Tensor& labels_local, const Tensor& lse, const Tensor& grad_rows,
     double scale, int64_t block_classes,
-    const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& hard, bool weight_grad) {
-  const int64_t B = x_hat.size(0), C = shard_classes(weight, class_index), D = weight.size(1);
+    const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& hard, int64_t subcenters,
+    bool weight_grad) {
+  const int64_t S = subcenters;
+  const int64_t B = x_hat.size(0), rows = shard_rows(weight, class_index), C = rows / S, D = weight.size(1);
   const int64_t K = std::min(std::max<int64_t>(block_classes, 1), std::max<int64_t>(C, 1));
   Tensor dx_hat = at::zeros({B, D}, x_hat.options());
-  Tensor dw = at::empty({weight_grad ? C : 0, D}, weight.options());
+  Tensor dw = at::empty({weight_grad ? rows : 0, D}, weight.options());
   if (B == 0 || C == 0) return {dx_hat, dw.zero_()};
   const bool float_weight = weight.scalar_type() == at::kFloat;
-  Tensor buffer = at::empty({B, K}, x_hat.options());
-  Tensor dw_buffer = float_weight || !weight_grad ? Tensor() : at::empty({K, D}, x_hat.options());
+  Tensor buffer = at::empty({B, K * S}, x_hat.options());
+  Tensor dw_buffer = float_weight || !weight_grad ? Tensor() : at::empty({K * S, D}, x_hat.options());
+  const SubcenterScale sub(S, K);
   const float* inv = w_inv.data_ptr<float>();
   const int64_t* lab = labels_local.data_ptr<int64_t>();
   const float* lse_p = lse.data_ptr<float>();
@@ -169,36 +196,40 @@ std::tuple<Tensor, Tensor> lse_backward(
 
   for (int64_t c0 = 0; c0 < C; c0 += K) {
     const int64_t k = std::min(K, C - c0);
-    const Tensor w_blk = float_block(weight, class_index, c0, k);
-    Tensor e = scratch_view(buffer, B, k);
+    const int64_t r0w = c0 * S, nw = k * S;  // the block's weight rows
+    const Tensor w_blk = float_block(weight, class_index, r0w, nw);
+    Tensor e = scratch_view(buffer, B, nw);
     gemm_into(e, x_hat, w_blk.t());
     float* ep = e.data_ptr<float>();
-    at::parallel_for(0, B, grain_for(k), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, B, grain_for(nw), [&](int64_t r0, int64_t r1) {
+      std::vector<int32_t> arg(S > 1 ? k : 0);
       for (int64_t i = r0; i < r1; ++i) {
-        float* row = ep + i * k;
+        float* row = ep + i * nw;
         const float coef = g[i] * s;
         if (coef == 0.0f) {  // ignored rows contribute exactly nothing
-          std::fill(row, row + k, 0.0f);
+          std::fill(row, row + nw, 0.0f);
           continue;
         }
+        const float* col_inv = sub.columns(row, inv + r0w, k, arg.data());
         if (hard_rows.on()) {
-          cpu::softmax_grad_from_logits_hard(row, inv + c0, k, s, lse_p[i], coef, hard_rows.threshold[i],
+          cpu::softmax_grad_from_logits_hard(row, col_inv, k, s, lse_p[i], coef, hard_rows.threshold[i],
                                              hard_rows.t[i]);
         } else {
-          cpu::softmax_grad_from_logits(row, inv + c0, k, s, lse_p[i], coef);
+          cpu::softmax_grad_from_logits(row, col_inv, k, s, lse_p[i], coef);
         }
         // The target column's gradient is added outside the kernels (docs/DESIGN.md §1).
         const int64_t t = lab[i] - c0;
         if (lab[i] >= 0 && t >= 0 && t < k) row[t] = 0.0f;
+        if (S > 1) cpu::expand_subcenters(row, inv + r0w, k, S, arg.data());
       }
     });
     dx_hat.addmm_(e, w_blk);
     if (!weight_grad) continue;  // a frozen weight: no dW GEMM, no dW memory
-    Tensor dw_blk = float_weight ? dw.narrow(0, c0, k) : scratch_view(dw_buffer, k, D);
+    Tensor dw_blk = float_weight ? dw.narrow(0, r0w, nw) : scratch_view(dw_buffer, nw, D);
     // (w_blk is a float32 copy for gathered or low-precision blocks, a view otherwise)
     gemm_into(dw_blk, e.t(), x_hat);
-    project_rows(dw_blk, w_blk, inv + c0);
-    if (!float_weight) dw.narrow(0, c0, k).copy_(dw_blk);
+    project_rows(dw_blk, w_blk, inv + r0w);
+    if (!float_weight) dw.narrow(0, r0w, nw).copy_(dw_blk);
   }
   return {dx_hat, dw};
 }

@@ -118,6 +118,33 @@ void softmax_grad_from_logits_hard(float* l, const float* inv, int64_t n, float 
   }
 }
 
+// (Not vectorized: the in-place walk carries a dependence, and the GEMMs
+// around it cost subs * D flops per entry.)
+void collapse_subcenters(float* row, const float* inv, int64_t n, int64_t subs, int32_t* arg) {
+  for (int64_t j = 0; j < n; ++j) {  // writes row[j] only after reading row[j subs ...], j <= j subs
+    const float* c = row + j * subs;
+    const float* w = inv + j * subs;
+    float best = c[0] * w[0];
+    int32_t at = 0;
+    for (int64_t k = 1; k < subs; ++k) {
+      const float v = c[k] * w[k];
+      if (v > best) {
+        best = v;
+        at = static_cast<int32_t>(k);
+      }
+    }
+    row[j] = best;
+    arg[j] = at;
+  }
+}
+
+void expand_subcenters(float* row, const float* inv, int64_t n, int64_t subs, const int32_t* arg) {
+  for (int64_t j = n - 1; j >= 0; --j) {  // descending: row[j subs ...] is past every unread row[j' < j]
+    const float g = row[j];
+    for (int64_t k = 0; k < subs; ++k) row[j * subs + k] = k == arg[j] ? g * inv[j * subs + k] : 0.0f;
+  }
+}
+
 MK_VECTOR_CLONES
 void sub_scaled(float* y, const float* x, float a, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] -= a * x[j];

@@ -59,9 +59,28 @@ struct HardRow {
   __device__ float derivative(float c) const { return c > threshold ? t + 2.0f * c : 1.0f; }
 };
 
-__device__ __forceinline__ float z_at(const float* row, int64_t j, const float* inv, float scale,
+// Class j's cosine: the max over its `subs` columns of logits * inv; `arg`
+// gets the arg-max column's offset (the first of ties).
+__device__ __forceinline__ float class_cos(const float* row, int64_t j, int64_t subs, const float* inv,
+                                           int64_t* arg) {
+  const int64_t c0 = j * subs;
+  float best = row[c0] * inv[c0];
+  int64_t at = 0;
+  for (int64_t k = 1; k < subs; ++k) {
+    const float v = row[c0 + k] * inv[c0 + k];
+    if (v > best) {
+      best = v;
+      at = k;
+    }
+  }
+  *arg = at;
+  return best;
+}
+
+__device__ __forceinline__ float z_at(const float* row, int64_t j, int64_t subs, const float* inv, float scale,
                                       int64_t t, float target, const HardRow& hard) {
-  return j == t ? target : scale * hard.value(row[j] * inv[j]);
+  int64_t arg;
+  return j == t ? target : scale * hard.value(class_cos(row, j, subs, inv, &arg));
 }
 
 template <typename T>
@@ -80,7 +99,8 @@ __global__ void row_inv_norms_kernel(const T* __restrict__ x, int64_t dim, int64
   if (threadIdx.x == 0) inv[blockIdx.x] = r;
 }
 
-__global__ void forward_epilogue_kernel(const float* __restrict__ logits, int64_t B, int64_t K, int64_t ld,
+__global__ void forward_epilogue_kernel(const float* __restrict__ logits, int64_t B, int64_t K, int64_t subs,
+                                        int64_t ld,
                                         const float* __restrict__ inv, float scale,
                                         const int64_t* __restrict__ labels, int64_t col0,
                                         const float* __restrict__ target, const float* __restrict__ hard,
@@ -92,11 +112,11 @@ __global__ void forward_epilogue_kernel(const float* __restrict__ logits, int64_
   const float tgt = target[i];
   const HardRow hr(hard, i, B);
   float m = -INFINITY;
-  for (int64_t j = threadIdx.x; j < K; j += kThreads) m = fmaxf(m, z_at(row, j, inv, scale, t, tgt, hr));
+  for (int64_t j = threadIdx.x; j < K; j += kThreads) m = fmaxf(m, z_at(row, j, subs, inv, scale, t, tgt, hr));
   const float old_max = row_max[i];
   const float new_max = fmaxf(old_max, block_reduce<true>(m, scratch));
   float s = 0.0f;
-  for (int64_t j = threadIdx.x; j < K; j += kThreads) s += __expf(z_at(row, j, inv, scale, t, tgt, hr) - new_max);
+  for (int64_t j = threadIdx.x; j < K; j += kThreads) s += __expf(z_at(row, j, subs, inv, scale, t, tgt, hr) - new_max);
   s = block_reduce<false>(s, scratch);
   if (threadIdx.x == 0) {
     row_sum[i] = row_sum[i] * __expf(old_max - new_max) + s;
@@ -106,20 +126,25 @@ __global__ void forward_epilogue_kernel(const float* __restrict__ logits, int64_
 
 template <typename T>
 __global__ void backward_epilogue_kernel(const float* logits,  // may alias dz
-                                         int64_t B, int64_t K, int64_t ld,
+                                         int64_t B, int64_t K, int64_t subs, int64_t ld,
                                          const float* __restrict__ inv, float scale,
                                          const int64_t* __restrict__ labels, int64_t col0,
                                          const float* __restrict__ hard, const float* __restrict__ lse,
                                          const float* __restrict__ grad, T* dz, int64_t ld_out) {
+  // One thread per (row, class): it reads the class's columns before writing them.
   const int64_t n = B * K;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t i = e / K, j = e % K;
     const float coef = grad[i] * scale;
     const bool is_target = labels[i] >= 0 && labels[i] - col0 == j;
     const HardRow hr(hard, i, B);
-    const float c = logits[i * ld + j] * inv[j];
-    const float d = coef * __expf(scale * hr.value(c) - lse[i]) * hr.derivative(c);
-    dz[i * ld_out + j] = from_float<T>(coef == 0.0f || is_target ? 0.0f : d * inv[j]);
+    int64_t arg;
+    const float c = class_cos(logits + i * ld, j, subs, inv, &arg);
+    const float d = coef == 0.0f || is_target ? 0.0f : coef * __expf(scale * hr.value(c) - lse[i]) * hr.derivative(c);
+    for (int64_t k = 0; k < subs; ++k) {
+      const int64_t col = j * subs + k;
+      dz[i * ld_out + col] = from_float<T>(k == arg ? d * inv[col] : 0.0f);
+    }
   }
 }
 
@@ -167,16 +192,18 @@ extern "C" cudaError_t mk_row_inv_norms(const void* x, int dtype, int64_t rows, 
   return cudaGetLastError();
 }
 
-extern "C" cudaError_t mk_forward_epilogue(const float* logits, int64_t B, int64_t K, int64_t ld, const float* inv,
+extern "C" cudaError_t mk_forward_epilogue(const float* logits, int64_t B, int64_t K, int64_t subs, int64_t ld,
+                                           const float* inv,
                                            float scale, const int64_t* labels_local, int64_t col0, const float* target,
                                            const float* hard, float* row_max, float* row_sum, cudaStream_t stream) {
   if (B == 0 || K == 0) return cudaSuccess;
-  forward_epilogue_kernel<<<B, kThreads, 0, stream>>>(logits, B, K, ld, inv, scale, labels_local, col0, target, hard,
+  forward_epilogue_kernel<<<B, kThreads, 0, stream>>>(logits, B, K, subs, ld, inv, scale, labels_local, col0, target, hard,
                                                       row_max, row_sum);
   return cudaGetLastError();
 }
 
-extern "C" cudaError_t mk_backward_epilogue(const float* logits, int64_t B, int64_t K, int64_t ld, const float* inv,
+extern "C" cudaError_t mk_backward_epilogue(const float* logits, int64_t B, int64_t K, int64_t subs, int64_t ld,
+                                            const float* inv,
                                             float scale, const int64_t* labels_local, int64_t col0,
                                             const float* hard, const float* lse, const float* grad, void* dz,
                                             int out_dtype, int64_t ld_out, cudaStream_t stream) {
@@ -184,15 +211,15 @@ extern "C" cudaError_t mk_backward_epilogue(const float* logits, int64_t B, int6
   const int blocks = elementwise_blocks(B * K);
   switch (out_dtype) {
     case MK_FLOAT32:
-      backward_epilogue_kernel<<<blocks, kThreads, 0, stream>>>(logits, B, K, ld, inv, scale, labels_local, col0,
+      backward_epilogue_kernel<<<blocks, kThreads, 0, stream>>>(logits, B, K, subs, ld, inv, scale, labels_local, col0,
                                                                 hard, lse, grad, (float*)dz, ld_out);
       break;
     case MK_BFLOAT16:
-      backward_epilogue_kernel<<<blocks, kThreads, 0, stream>>>(logits, B, K, ld, inv, scale, labels_local, col0,
+      backward_epilogue_kernel<<<blocks, kThreads, 0, stream>>>(logits, B, K, subs, ld, inv, scale, labels_local, col0,
                                                                 hard, lse, grad, (__nv_bfloat16*)dz, ld_out);
       break;
     case MK_FLOAT16:
-      backward_epilogue_kernel<<<blocks, kThreads, 0, stream>>>(logits, B, K, ld, inv, scale, labels_local, col0,
+      backward_epilogue_kernel<<<blocks, kThreads, 0, stream>>>(logits, B, K, subs, ld, inv, scale, labels_local, col0,
                                                                 hard, lse, grad, (__half*)dz, ld_out);
       break;
     default:

@@ -21,20 +21,25 @@ cudaError_t mk_row_inv_norms(const void* x, int dtype, int64_t rows, int64_t dim
 // `hard` (may be NULL): CurricularFace's hard negatives, [2, B] fp32 (thresholds,
 // then t): a non-target cosine c > hard[i] counts as c (hard[B + i] + c).
 
-// One class block of the forward: logits [B, K] (fp32, row stride ld) -> z =
-// scale * logits * inv[col] (hard negatives modulated) with column
-// labels_local[i] - col0 replaced by target[i]; updates the running row max /
-// sum-exp in place.
-cudaError_t mk_forward_epilogue(const float* logits, int64_t B, int64_t K, int64_t ld,
+// `subs` (>= 1): each of the block's K classes is `subs` consecutive logits
+// columns (sub-centers), inv has one entry per column, and a class's cosine is
+// the max over its columns of logits * inv (its gradient goes to the arg-max
+// column, the first of ties).
+
+// One class block of the forward: logits [B, K subs] (fp32, row stride ld) -> z
+// = scale * cos (hard negatives modulated) with class labels_local[i] - col0
+// replaced by target[i]; updates the running row max / sum-exp in place.
+cudaError_t mk_forward_epilogue(const float* logits, int64_t B, int64_t K, int64_t subs, int64_t ld,
                                 const float* inv, float scale, const int64_t* labels_local,
                                 int64_t col0, const float* target, const float* hard,
                                 float* row_max, float* row_sum, cudaStream_t stream);
 
 // One class block of the backward: dz = g s softmax (times the modulation's
-// derivative at hard negatives) and inv[col], 0 at the target column (its
-// share is added by the caller), written as `out_dtype` into dz (row stride
-// ld_out; may alias logits when out_dtype is float32).
-cudaError_t mk_backward_epilogue(const float* logits, int64_t B, int64_t K, int64_t ld,
+// derivative at hard negatives) and inv[col] at each class's arg-max column, 0
+// at its other columns and at the target class (its share is added by the
+// caller), written as `out_dtype` into dz [B, K subs] (row stride ld_out; may
+// alias logits when out_dtype is float32).
+cudaError_t mk_backward_epilogue(const float* logits, int64_t B, int64_t K, int64_t subs, int64_t ld,
                                  const float* inv, float scale, const int64_t* labels_local,
                                  int64_t col0, const float* hard, const float* lse,
                                  const float* grad, void* dz, int out_dtype, int64_t ld_out,

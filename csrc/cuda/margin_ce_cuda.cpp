@@ -56,23 +56,26 @@ Tensor row_inv_norms(const Tensor& weight, double eps) {
 
 Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv, const Tensor& labels_local,
                    const Tensor& target_logit, double scale, int64_t block_classes,
-                   const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& hard) {
+                   const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& hard,
+                   int64_t subcenters) {
   const c10::cuda::CUDAGuard guard(x_hat.device());
+  const int64_t S = subcenters;
   const int64_t B = x_hat.size(0);
-  const int64_t C = shard_classes(weight, class_index);
+  const int64_t C = shard_rows(weight, class_index) / S;
   const int64_t K = std::min(std::max<int64_t>(block_classes, 1), std::max<int64_t>(C, 1));
   Tensor row_max = at::full({B}, -std::numeric_limits<float>::infinity(), x_hat.options());
   Tensor row_sum = at::zeros({B}, x_hat.options());
   if (B == 0 || C == 0) return row_max.add_(row_sum.log_());
   const Tensor x_op = x_hat.to(weight.scalar_type()).contiguous();
-  Tensor buffer = at::empty({B, K}, x_hat.options());
+  Tensor buffer = at::empty({B, K * S}, x_hat.options());
   for (int64_t c0 = 0; c0 < C; c0 += K) {
     const int64_t k = std::min(K, C - c0);
-    Tensor z = scratch_view(buffer, B, k);
-    logits_into(z, x_op, class_block(weight, class_index, c0, k));
-    check(mk_forward_epilogue(z.data_ptr<float>(), B, k, k, w_inv.data_ptr<float>() + c0, static_cast<float>(scale),
-                              labels_local.data_ptr<int64_t>(), c0, target_logit.data_ptr<float>(),
-                              hard_ptr(hard), row_max.data_ptr<float>(), row_sum.data_ptr<float>(), stream()),
+    Tensor z = scratch_view(buffer, B, k * S);
+    logits_into(z, x_op, class_block(weight, class_index, c0 * S, k * S));
+    check(mk_forward_epilogue(z.data_ptr<float>(), B, k, S, k * S, w_inv.data_ptr<float>() + c0 * S,
+                              static_cast<float>(scale), labels_local.data_ptr<int64_t>(), c0,
+                              target_logit.data_ptr<float>(), hard_ptr(hard), row_max.data_ptr<float>(),
+                              row_sum.data_ptr<float>(), stream()),
           "forward_epilogue");
   }
   return row_max.add_(row_sum.log_());
@@ -82,29 +85,33 @@ std::tuple<Tensor, Tensor> lse_backward(const Tensor& x_hat, const Tensor& weigh
                                         const Tensor& labels_local, const Tensor& lse, const Tensor& grad_rows,
                                         double scale, int64_t block_classes,
                                         const c10::optional<Tensor>& class_index,
-                                        const c10::optional<Tensor>& hard, bool weight_grad) {
+                                        const c10::optional<Tensor>& hard, int64_t subcenters,
+                                        bool weight_grad) {
   const c10::cuda::CUDAGuard guard(x_hat.device());
+  const int64_t S = subcenters;
   const int64_t B = x_hat.size(0), D = weight.size(1);
-  const int64_t C = shard_classes(weight, class_index);
+  const int64_t rows = shard_rows(weight, class_index), C = rows / S;
   const int64_t K = std::min(std::max<int64_t>(block_classes, 1), std::max<int64_t>(C, 1));
   const at::ScalarType wt = weight.scalar_type();
   Tensor dx_hat = at::zeros({B, D}, x_hat.options());
-  Tensor dw = at::empty({weight_grad ? C : 0, D}, weight.options());
+  Tensor dw = at::empty({weight_grad ? rows : 0, D}, weight.options());
   if (B == 0 || C == 0) return {dx_hat, dw.zero_()};
   const Tensor x_op = x_hat.to(wt).contiguous();
-  Tensor logits_buf = at::empty({B, K}, x_hat.options());
-  // dz in the dtype the next two GEMMs take: in place over the logits for fp32.
-  Tensor dz_buf = wt == at::kFloat ? logits_buf : at::empty({B, K}, weight.options());
-  Tensor g_buf = weight_grad ? at::empty({K, D}, x_hat.options()) : Tensor();  // d/d(w_hat) of a block, fp32
+  Tensor logits_buf = at::empty({B, K * S}, x_hat.options());
+  // dz in the dtype the next two GEMMs take: in place over the logits for fp32
+  // (a thread writes only the columns of the class it read).
+  Tensor dz_buf = wt == at::kFloat ? logits_buf : at::empty({B, K * S}, weight.options());
+  Tensor g_buf = weight_grad ? at::empty({K * S, D}, x_hat.options()) : Tensor();  // d/d(w_hat) of a block, fp32
   for (int64_t c0 = 0; c0 < C; c0 += K) {
     const int64_t k = std::min(K, C - c0);
-    const Tensor w_blk = class_block(weight, class_index, c0, k);
-    Tensor logits = scratch_view(logits_buf, B, k);
-    Tensor dz = scratch_view(dz_buf, B, k);
+    const int64_t r0w = c0 * S, nw = k * S;  // the block's weight rows
+    const Tensor w_blk = class_block(weight, class_index, r0w, nw);
+    Tensor logits = scratch_view(logits_buf, B, nw);
+    Tensor dz = scratch_view(dz_buf, B, nw);
     logits_into(logits, x_op, w_blk);
-    check(mk_backward_epilogue(logits.data_ptr<float>(), B, k, k, w_inv.data_ptr<float>() + c0,
+    check(mk_backward_epilogue(logits.data_ptr<float>(), B, k, S, nw, w_inv.data_ptr<float>() + r0w,
                                static_cast<float>(scale), labels_local.data_ptr<int64_t>(), c0, hard_ptr(hard),
-                               lse.data_ptr<float>(), grad_rows.data_ptr<float>(), dz.data_ptr(), mk_type(wt), k,
+                               lse.data_ptr<float>(), grad_rows.data_ptr<float>(), dz.data_ptr(), mk_type(wt), nw,
                                stream()),
           "backward_epilogue");
     if (wt == at::kFloat) {
@@ -113,15 +120,15 @@ std::tuple<Tensor, Tensor> lse_backward(const Tensor& x_hat, const Tensor& weigh
       dx_hat.add_(at::mm(dz, w_blk, at::kFloat));
     }
     if (!weight_grad) continue;  // a frozen weight: no dW GEMM, no dW memory
-    Tensor g = scratch_view(g_buf, k, D);
+    Tensor g = scratch_view(g_buf, nw, D);
     if (wt == at::kFloat) {
       at::mm_out(g, dz.t(), x_op);
     } else {
       at::mm_out(g, dz.t(), x_op, at::kFloat);
     }
-    Tensor dw_blk = dw.narrow(0, c0, k);
-    check(mk_project_rows(g.data_ptr<float>(), w_blk.data_ptr(), mk_type(wt), k, D, w_blk.stride(0),
-                          w_inv.data_ptr<float>() + c0, dw_blk.data_ptr(), mk_type(wt), stream()),
+    Tensor dw_blk = dw.narrow(0, r0w, nw);
+    check(mk_project_rows(g.data_ptr<float>(), w_blk.data_ptr(), mk_type(wt), nw, D, w_blk.stride(0),
+                          w_inv.data_ptr<float>() + r0w, dw_blk.data_ptr(), mk_type(wt), stream()),
           "project_rows");
   }
   return {dx_hat, dw};

@@ -4,9 +4,9 @@ csrc/bindings.cpp and, upper-cased, in the Triton kernels):
 
     row_inv_norms(weight, *, class_index=None) -> w_inv [C] float32
     lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options,
-                class_index=None, hard=None) -> lse [B]
+                class_index=None, hard=None, subcenters=1) -> lse [B]
     lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, options,
-                 class_index=None, hard=None, weight_grad=True)
+                 class_index=None, hard=None, subcenters=1, weight_grad=True)
         -> (dx_hat [B, D] float32, dW [C, D] in weight's dtype, or None without weight_grad)
 
 and the single-shard shortcut, where ``supports_fused`` says it has one:
@@ -18,6 +18,9 @@ and the single-shard shortcut, where ``supports_fused`` says it has one:
 
 The backwards leave out the target columns (the caller adds their exact share);
 ``hard`` is CurricularFace's hard negatives, float32 [2, B] (thresholds, t).
+``subcenters`` (K): each class is K consecutive weight rows (of ``weight``, or
+of ``class_index``), its cosine the max over them; w_inv and dW count rows,
+labels_local counts classes, and a class's gradient goes to its arg-max row.
 
 ``options`` is a resolved :class:`KernelOptions`.
 """

@@ -38,14 +38,14 @@ def _check_device(t: Tensor) -> None:
     )
 
 
-def block_classes(batch: int, dim: int, copies_rows: bool, workspace_bytes: int) -> int:
+def block_classes(batch: int, dim: int, copies_rows: bool, workspace_bytes: int, subcenters: int = 1) -> int:
     """Classes per block so that the block's scratch fits the budget.
 
-    Per class: a logits column of B floats, plus a float32 copy of the weight
-    row and its gradient row when blocks are copied (weights not float32, or
-    gathered through a class index).
+    Per weight row (``subcenters`` per class): a logits column of B floats,
+    plus a float32 copy of the row and its gradient row when blocks are copied
+    (weights not float32, or gathered through a class index).
     """
-    per_class = FLOAT_BYTES * (batch + (2 * dim if copies_rows else 0))
+    per_class = subcenters * FLOAT_BYTES * (batch + (2 * dim if copies_rows else 0))
     return max(1, workspace_bytes // max(per_class, 1))
 
 
@@ -64,19 +64,23 @@ def row_inv_norms(weight: Tensor, *, class_index: Tensor | None = None) -> Tenso
     return inv if class_index is None else inv.index_select(0, class_index)
 
 
-def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options, class_index=None, hard=None):
+def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options, class_index=None, hard=None,
+                subcenters=1):
     _check_device(x_hat)
     # A gathered block is copied to float32 whatever the weight dtype: budget for it.
-    k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), options.workspace_bytes)
-    return _C.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, float(scale), k, class_index, hard)
+    k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), options.workspace_bytes,
+                      subcenters)
+    return _C.lse_forward(x_hat, weight, w_inv, labels_local, target_logit, float(scale), k, class_index, hard,
+                          subcenters)
 
 
 def lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, options, class_index=None, hard=None,
-                 weight_grad=True):
+                 subcenters=1, weight_grad=True):
     _check_device(x_hat)
-    k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), options.workspace_bytes)
+    k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), options.workspace_bytes,
+                      subcenters)
     dx, dw = _C.lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows.float().contiguous(), float(scale), k,
-                             class_index, hard, weight_grad)
+                             class_index, hard, subcenters, weight_grad)
     return dx, dw if weight_grad else None
 
 

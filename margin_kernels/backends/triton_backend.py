@@ -78,7 +78,7 @@ def _operand(x_hat: Tensor, weight: Tensor) -> Tensor:
     return x_hat if _upcast(weight) else x_hat.to(weight.dtype).contiguous()
 
 
-def _num_classes(weight: Tensor, class_index: Tensor | None) -> int:
+def _num_rows(weight: Tensor, class_index: Tensor | None) -> int:
     return weight.shape[0] if class_index is None else class_index.shape[0]
 
 
@@ -134,7 +134,7 @@ def dx_grid(b: int, c: int, d: int, meta: dict) -> tuple[int, int, int]:
 
 def row_inv_norms(weight: Tensor, *, class_index: Tensor | None = None) -> Tensor:
     _check(weight)
-    c, d = _num_classes(weight, class_index), weight.shape[1]
+    c, d = _num_rows(weight, class_index), weight.shape[1]
     out = torch.empty(c, dtype=torch.float32, device=weight.device)
     if c == 0:
         return out
@@ -146,11 +146,12 @@ def row_inv_norms(weight: Tensor, *, class_index: Tensor | None = None) -> Tenso
     return out
 
 
-def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options, class_index=None, hard=None):
+def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options, class_index=None, hard=None,
+                subcenters=1):
     """Per-row logsumexp over the (indexed) classes; scratch is B x splits floats."""
     _check(x_hat, weight)
     b, d = x_hat.shape
-    c = _num_classes(weight, class_index)
+    c = _num_rows(weight, class_index) // subcenters
     if b == 0:
         return torch.empty(0, dtype=torch.float32, device=x_hat.device)
     splits = forward_splits(b, c, options.workspace_bytes)
@@ -160,7 +161,7 @@ def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, opti
         K.lse_forward_kernel[lambda meta: forward_grid(b, splits, meta)](
             _operand(x_hat, weight), weight, w_inv, labels_local, target_logit, _index_arg(weight, class_index),
             _hard_arg(x_hat, hard), part_max, part_sum, *_sizes(b, c, d, x_hat.shape[1], weight.stride(0), scale),
-            **_flags(weight, class_index, hard, options),
+            **_flags(weight, class_index, hard, options), SUBCENTERS=subcenters,
         )
     # Splits that got no class tile hold (-inf, 0): log(0) = -inf drops out.
     return torch.logsumexp(part_max + part_sum.log(), dim=0)
@@ -183,33 +184,34 @@ def chunk_classes(c: int, d: int, weight_dtype: torch.dtype, workspace_bytes: in
 
 
 def lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, options, class_index=None, hard=None,
-                 weight_grad=True):
+                 subcenters=1, weight_grad=True):
     """(dx_hat fp32 [B, D], dW [C or K, D] in weight's dtype, or None without
     ``weight_grad``), by ``options.triton_backward``: "atomic" (one kernel,
     fp32 atomics into dx and dW) or "split" (a dW kernel without atomics and a
     dx kernel, each recomputing the logits). Which wins is a matter of atomic
     throughput against 2 B D C more FLOPs."""
     _check(x_hat, weight)
-    strategy = options.triton_backward
+    S = subcenters
+    strategy = options.triton_backward if S == 1 else "atomic"
     b, d = x_hat.shape
-    c = _num_classes(weight, class_index)
+    c = _num_rows(weight, class_index) // S
     dx = torch.zeros(b, d, dtype=torch.float32, device=x_hat.device)
-    dw = torch.empty(c, d, dtype=weight.dtype, device=weight.device) if weight_grad else None
+    dw = torch.empty(c * S, d, dtype=weight.dtype, device=weight.device) if weight_grad else None
     if c == 0 or b == 0:
         return dx, dw.zero_() if weight_grad else None
     x_op, g = _operand(x_hat, weight), grad_rows.float().contiguous()
     flags = _grad_flags(weight, class_index, hard, options)
     hard_arg = _hard_arg(x_hat, hard)
-    step = chunk_classes(c, d, weight.dtype, options.workspace_bytes)
+    step = chunk_classes(c, d * S, weight.dtype, options.workspace_bytes)
     scratch = None if weight.dtype == torch.float32 or not weight_grad else torch.empty(
-        min(step, c), d, dtype=torch.float32, device=weight.device)
+        min(step, c) * S, d, dtype=torch.float32, device=weight.device)
     with device_guard(x_hat.device):
         if not weight_grad:  # a frozen weight: dx only, no dW products, no dW memory
             if strategy == "atomic":
                 sizes = _sizes(b, c, d, x_hat.shape[1], weight.stride(0), scale)
                 K.lse_backward_kernel[lambda meta: atomic_grid(b, c, meta)](
                     x_op, weight, w_inv, labels_local, lse, g, _index_arg(weight, class_index), hard_arg, dx,
-                    dx.new_empty(1), *sizes, **flags, WITH_DW=False)
+                    dx.new_empty(1), *sizes, **flags, SUBCENTERS=S, WITH_DW=False)
                 return dx, None
         if strategy == "split":
             sizes = _sizes(b, c, d, x_hat.shape[1], weight.stride(0), scale)
@@ -223,22 +225,23 @@ def lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, o
             c1 = min(c0 + step, c)
             # The chunk as a problem of its own: views of W (or of the index)
             # and w_inv, labels shifted so that only its own targets match.
-            w_part = weight if class_index is not None else weight[c0:c1]
-            index_part = None if class_index is None else class_index[c0:c1]
-            inv_part = w_inv[c0:c1]
+            r0, r1 = c0 * S, c1 * S  # its rows
+            w_part = weight if class_index is not None else weight[r0:r1]
+            index_part = None if class_index is None else class_index[r0:r1]
+            inv_part = w_inv[r0:r1]
             labels_part = labels_local - c0 if c0 else labels_local
-            acc = dw[c0:c1] if scratch is None else scratch[: c1 - c0]
+            acc = dw[r0:r1] if scratch is None else scratch[: r1 - r0]
             args = (x_op, w_part, inv_part, labels_part, lse, g, _index_arg(w_part, index_part), hard_arg)
             sizes = _sizes(b, c1 - c0, d, x_hat.shape[1], weight.stride(0), scale)
             if strategy == "atomic":
                 acc.zero_()
                 K.lse_backward_kernel[lambda meta: atomic_grid(b, c1 - c0, meta)](*args, dx, acc, *sizes, **flags,
-                                                                                   WITH_DW=True)
+                                                                                   SUBCENTERS=S, WITH_DW=True)
             else:
                 K.lse_backward_dw_kernel[lambda meta: dw_grid(c1 - c0, d, meta)](*args, acc, *sizes, **flags)
             # dW = acc projected off w; in place for fp32, cast into dW otherwise
-            K.project_rows_kernel[project_grid(c1 - c0)](
-                acc, w_part, inv_part, _index_arg(w_part, index_part), dw[c0:c1], c1 - c0, d, weight.stride(0),
+            K.project_rows_kernel[project_grid(r1 - r0)](
+                acc, w_part, inv_part, _index_arg(w_part, index_part), dw[r0:r1], r1 - r0, d, weight.stride(0),
                 HAS_INDEX=class_index is not None, BLOCK_D=triton.next_power_of_2(d),
             )
     return dx, dw

@@ -5,7 +5,9 @@ dx and dW (recomputed tile -> dz -> both products) or a split into a dW kernel
 the logits once each; and the small row-norm / projection kernels.
 
 Every kernel reads class rows through an optional ``class_index`` so that a
-sampled subset of W is used without copying it. Under ``TRITON_INTERPRET=1``
+sampled subset of W is used without copying it. With SUBCENTERS = K each class
+is K consecutive rows (of W or of the index) and its cosine the max over them
+(the forward and the atomic backward; the split backward has none). Under ``TRITON_INTERPRET=1``
 (CPU tests) bf16 operands are upcast to fp32 before ``tl.dot`` (the
 interpreter's bf16 dot is wrong; its fp16 dot is right, so fp16 runs as on a
 GPU) and a single configuration is used.
@@ -37,9 +39,11 @@ def autotune_bucket(n: int) -> int:
     return 1 << max(int(n) - 1, 0).bit_length()
 
 
-def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
+def _configs(kind: str, interpret: bool = INTERPRET, subcenters: bool = False) -> list[triton.Config]:
     """Autotune candidates per kernel kind: fwd, bwd (atomic), bwd_dw and bwd_dx
-    (the split backward, whose tiles also carry a D chunk, BLOCK_D)."""
+    (the split backward, whose tiles also carry a D chunk, BLOCK_D).
+    ``subcenters``: the forward's and the atomic backward's candidates for
+    SUBCENTERS > 1."""
     if interpret:  # the interpreter pays per block op: few, large tiles (BLOCK_D < 72: D chunks get tested)
         meta = {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}
         if kind in ("bwd_dw", "bwd_dx"):
@@ -51,12 +55,19 @@ def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
         # two accumulators per D chunk: smaller tiles
         "bwd": [(64, 128, 64, 0, 8, 3), (128, 64, 64, 0, 8, 3), (64, 64, 64, 0, 4, 3), (128, 128, 32, 0, 8, 2)],
         # a [BLOCK_N, BLOCK_D] (dW) or [BLOCK_M, BLOCK_D] (dx) accumulator lives across the whole loop;
-        # a BLOCK_D below D recomputes the logits once per D chunk
-        "bwd_dw": [(64, 64, 64, 256, 8, 3), (64, 128, 64, 128, 8, 3), (128, 64, 64, 256, 8, 2),
-                   (64, 64, 64, 512, 8, 2)],
+        # a BLOCK_D below D recomputes the logits once per D chunk. (BLOCK_D = 512, and 128 x 256 dW
+        # tiles, spill on sm_90 with hard negatives in bf16 / fp16: benchmarks/triton_aot.py.)
+        "bwd_dw": [(64, 64, 64, 256, 8, 3), (64, 128, 64, 128, 8, 3), (128, 64, 64, 128, 8, 2),
+                   (64, 64, 32, 256, 8, 3)],
         "bwd_dx": [(64, 64, 64, 256, 8, 3), (128, 64, 64, 128, 8, 3), (64, 128, 64, 256, 8, 2),
-                   (64, 64, 64, 512, 8, 2)],
+                   (64, 64, 32, 256, 8, 3)],
     }[kind]
+    if subcenters:
+        # The running max and arg-max (and in the backward the gradient tile)
+        # live across the K GEMM tiles: tiles small enough for the registers
+        # (the ones above spill on sm_90 with K = 3; benchmarks/triton_aot.py).
+        shapes = {"fwd": [(64, 128, 64, 0, 8, 3), (128, 64, 64, 0, 8, 3), (64, 64, 64, 0, 4, 3)],
+                  "bwd": [(64, 64, 64, 0, 8, 3), (64, 64, 32, 0, 8, 3)]}[kind]
     configs = []
     for m, n, k, d, w, st in shapes:
         meta = {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
@@ -64,6 +75,21 @@ def _configs(kind: str, interpret: bool = INTERPRET) -> list[triton.Config]:
             meta["BLOCK_D"] = d
         configs.append(triton.Config(meta, num_warps=w, num_stages=st))
     return configs
+
+
+def _with_subcenter_configs(kind: str, interpret: bool = INTERPRET) -> dict:
+    """autotune() arguments of a kernel that takes SUBCENTERS: both candidate
+    lists, pruned to the one the launch needs, and SUBCENTERS in the key."""
+    plain = _configs(kind, interpret)
+    if interpret:
+        return dict(configs=plain, key=AUTOTUNE_KEY + ["SUBCENTERS"])
+    sub = _configs(kind, interpret, subcenters=True)
+
+    def prune(configs, named_args, **kwargs):
+        wanted = sub if kwargs.get("SUBCENTERS", 1) > 1 else plain
+        return [c for c in configs if any(c is w for w in wanted)]
+
+    return dict(configs=plain + sub, key=AUTOTUNE_KEY + ["SUBCENTERS"], prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit
@@ -168,17 +194,44 @@ def _split_tiles(pid_s, n_splits, C, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N: tl.constexpr, HAS_INDEX: tl.constexpr):
-    """Columns of class tile pid_n, their validity, and the W rows they read
-    (clamped to the last class so that loads need no row mask)."""
+def _tile_columns(pid_n, C, BLOCK_N: tl.constexpr):
+    """Classes of class tile pid_n and their validity."""
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < C
-    safe = tl.minimum(cols, C - 1)
+    return cols, cols < C
+
+
+@triton.jit
+def _subcenter_rows(cols, C, CLASS_INDEX, k, SUBCENTERS: tl.constexpr, HAS_INDEX: tl.constexpr):
+    """Sub-center k of each class in ``cols``: its row of the shard (of W_INV,
+    DW: class j's at j * SUBCENTERS + k) and the W row it reads (through the
+    index with HAS_INDEX). Clamped to the last class, so loads need no row mask."""
+    local = tl.minimum(cols, C - 1) * SUBCENTERS + k
     if HAS_INDEX:
-        w_rows = tl.load(CLASS_INDEX + safe)
+        w_rows = tl.load(CLASS_INDEX + local)
     else:
-        w_rows = safe
-    return cols, col_ok, w_rows
+        w_rows = local
+    return local, w_rows
+
+
+@triton.jit
+def _class_cosines(X, W, W_INV, CLASS_INDEX, safe_rows, cols, col_ok, C, D, stride_x, stride_w,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_INDEX: tl.constexpr,
+                   SUBCENTERS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """A tile's cosines: the max over each class's SUBCENTERS rows of
+    logits / ||w||, and the arg-max sub-center (the first of ties; 0 without
+    sub-centers). One GEMM tile per sub-center, never a B x C x K tensor."""
+    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), dtype=tl.float32)
+    arg = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k in tl.static_range(SUBCENTERS):
+        local, w_rows = _subcenter_rows(cols, C, CLASS_INDEX, k, SUBCENTERS, HAS_INDEX)
+        acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+        c = acc * tl.load(W_INV + local, mask=col_ok, other=0.0)[None, :]
+        if k == 0:
+            best = c
+        else:
+            arg = tl.where(c > best, k, arg)
+            best = tl.maximum(best, c)
+    return best, arg
 
 
 @triton.jit
@@ -190,16 +243,13 @@ def _hard_rule(rows, row_ok, HARD, B):
 
 
 @triton.jit
-def _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD: tl.constexpr):
-    """From a tile's raw logits: e = g s p (times m'(c) = t + 2c at hard
-    negatives), divided by ||w_j|| (so that e . W and e^T . x_hat are the
-    gradients w.r.t. x_hat and w_hat / ||w||); zero at the target columns (their
-    share is added outside the kernels) and outside the valid rows and columns."""
+def _grad_tile(c, rows, row_ok, cols, col_ok, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD: tl.constexpr):
+    """From a tile's cosines: d loss / d c = g s p (times m'(c) = t + 2c at hard
+    negatives); zero at the target columns (their share is added outside the
+    kernels) and outside the valid rows and columns."""
     label = tl.load(LABELS + rows, mask=row_ok, other=-1)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     coef = tl.load(GRAD + rows, mask=row_ok, other=0.0) * scale
-    inv = tl.load(W_INV + cols, mask=col_ok, other=0.0)
-    c = acc * inv[None, :]
     if HAS_HARD:
         threshold, t = _hard_rule(rows, row_ok, HARD, B)
         hard = c > threshold
@@ -208,20 +258,33 @@ def _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, LSE, GRAD, HARD, 
     else:
         e = coef[:, None] * tl.exp(c * scale - lse[:, None])
     keep = row_ok[:, None] & col_ok[None, :] & (cols[None, :] != label[:, None])
-    return tl.where(keep, e * inv[None, :], 0.0)
+    return tl.where(keep, e, 0.0)
 
 
-@triton.autotune(configs=_configs("fwd"), key=AUTOTUNE_KEY)
+@triton.jit
+def _row_grad(e, arg, local, col_ok, W_INV, k, SUBCENTERS: tl.constexpr):
+    """The share of sub-center k (rows ``local``) of a gradient tile e = dL/dc:
+    e where k is the arg-max, divided by ||w|| (so that e . W and e^T . x_hat
+    are the gradients w.r.t. x_hat and w_hat / ||w||)."""
+    inv = tl.load(W_INV + local, mask=col_ok, other=0.0)
+    if SUBCENTERS == 1:
+        return e * inv[None, :]
+    else:
+        return tl.where(arg == k, e, 0.0) * inv[None, :]
+
+
+@triton.autotune(**_with_subcenter_configs("fwd"))
 @triton.jit
 def lse_forward_kernel(
     X, W, W_INV, LABELS, TARGET, CLASS_INDEX, HARD, PART_MAX, PART_SUM,
     B, C, D, stride_x, stride_w, scale, B_BUCKET, C_BUCKET,
-    HAS_INDEX: tl.constexpr, HAS_HARD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_HARD: tl.constexpr, SUBCENTERS: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (row tile, class split): running max / sum-exp of its class tiles
-    (HAS_HARD: CurricularFace's hard negatives modulated), written as one
-    partial per (split, row); the host combines splits."""
+    (HAS_HARD: CurricularFace's hard negatives modulated; SUBCENTERS: each
+    class's cosine the max over its sub-centers), written as one partial per
+    (split, row); the host combines splits."""
     pid_s = tl.program_id(1)
     rows, row_ok, safe_rows = _tile_rows(tl.program_id(0), B, BLOCK_M)
     label = tl.load(LABELS + rows, mask=row_ok, other=-1)
@@ -230,11 +293,9 @@ def lse_forward_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     first, end = _split_tiles(pid_s, tl.num_programs(1), C, BLOCK_N)
     for t in range(first, end):
-        cols, col_ok, w_rows = _tile_columns(t, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
-        acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
-                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
-        inv = tl.load(W_INV + cols, mask=col_ok, other=0.0)
-        c = acc * inv[None, :]
+        cols, col_ok = _tile_columns(t, C, BLOCK_N)
+        c, _ = _class_cosines(X, W, W_INV, CLASS_INDEX, safe_rows, cols, col_ok, C, D, stride_x, stride_w,
+                              BLOCK_M, BLOCK_N, BLOCK_K, HAS_INDEX, SUBCENTERS, UPCAST, IEEE)
         if HAS_HARD:
             threshold, t_hard = _hard_rule(rows, row_ok, HARD, B)
             c = tl.where(c > threshold, c * (t_hard + c), c)
@@ -250,33 +311,37 @@ def lse_forward_kernel(
 
 # DW is this launch's own scratch; DX gathers every class chunk's share, so
 # tuning trials must leave it as they found it.
-@triton.autotune(configs=_configs("bwd"), key=AUTOTUNE_KEY, reset_to_zero=["DW"], restore_value=["DX"])
+@triton.autotune(**_with_subcenter_configs("bwd"), reset_to_zero=["DW"], restore_value=["DX"])
 @triton.jit
 def lse_backward_kernel(
     X, W, W_INV, LABELS, LSE, GRAD, CLASS_INDEX, HARD, DX, DW,
     B, C, D, stride_x, stride_w, scale, B_BUCKET, C_BUCKET,
-    HAS_INDEX: tl.constexpr, HAS_HARD: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr,
-    WITH_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_HARD: tl.constexpr, SUBCENTERS: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, SCALE: tl.constexpr, WITH_DW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program (class tile, row tile): recompute the logits, form
-    e = g s p / ||w|| (``_grad_tile``), then add e . W into dx and
-    (WITH_DW) e^T . x_hat into dW (both fp32, through atomics, D chunk by chunk)."""
+    """Program (class tile, row tile): recompute the cosines, form e = dL/dc
+    (``_grad_tile``), then for each sub-center (one without them) add its
+    share (``_row_grad``) e_k . W_k into dx and (WITH_DW) e_k^T . x_hat into
+    its dW rows (both fp32, through atomics, D chunk by chunk)."""
     rows, row_ok, safe_rows = _tile_rows(tl.program_id(1), B, BLOCK_M)
-    cols, col_ok, w_rows = _tile_columns(tl.program_id(0), C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
-    acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
-                       BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
-    e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD)
-
-    for k0 in range(0, D, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < D
-        w_blk = tl.load(W + _offsets(w_rows, stride_w, ks), mask=k_ok[None, :], other=0.0)
-        dx = _grad_dx(e, w_blk, UPCAST, IEEE, SCALE)
-        tl.atomic_add(DX + _offsets(rows, D, ks), dx, mask=row_ok[:, None] & k_ok[None, :])
-        if WITH_DW:
-            x_blk = tl.load(X + _offsets(safe_rows, stride_x, ks), mask=k_ok[None, :], other=0.0)
-            dw = _grad_dw(e, x_blk, UPCAST, IEEE, SCALE)
-            tl.atomic_add(DW + _offsets(cols, D, ks), dw, mask=col_ok[:, None] & k_ok[None, :])
+    cols, col_ok = _tile_columns(tl.program_id(0), C, BLOCK_N)
+    c, arg = _class_cosines(X, W, W_INV, CLASS_INDEX, safe_rows, cols, col_ok, C, D, stride_x, stride_w,
+                            BLOCK_M, BLOCK_N, BLOCK_K, HAS_INDEX, SUBCENTERS, UPCAST, IEEE)
+    e = _grad_tile(c, rows, row_ok, cols, col_ok, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD)
+    for k in tl.static_range(SUBCENTERS):
+        local, w_rows = _subcenter_rows(cols, C, CLASS_INDEX, k, SUBCENTERS, HAS_INDEX)
+        e_k = _row_grad(e, arg, local, col_ok, W_INV, k, SUBCENTERS)
+        for k0 in range(0, D, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < D
+            w_blk = tl.load(W + _offsets(w_rows, stride_w, ks), mask=k_ok[None, :], other=0.0)
+            dx = _grad_dx(e_k, w_blk, UPCAST, IEEE, SCALE)
+            tl.atomic_add(DX + _offsets(rows, D, ks), dx, mask=row_ok[:, None] & k_ok[None, :])
+            if WITH_DW:
+                x_blk = tl.load(X + _offsets(safe_rows, stride_x, ks), mask=k_ok[None, :], other=0.0)
+                dw = _grad_dw(e_k, x_blk, UPCAST, IEEE, SCALE)
+                tl.atomic_add(DW + _offsets(local, D, ks), dw, mask=col_ok[:, None] & k_ok[None, :])
 
 
 @triton.autotune(configs=_configs("bwd_dw"), key=AUTOTUNE_KEY)
@@ -289,18 +354,21 @@ def lse_backward_dw_kernel(
 ):
     """Split backward, dW half. Program (class tile, D chunk): sweep every row
     tile, recompute the logits, and accumulate e^T . x_hat for its D chunk in
-    registers; one plain store at the end (no atomics: it owns those rows of dW)."""
+    registers; one plain store at the end (no atomics: it owns those rows of dW).
+    Without sub-centers (they would need one accumulator each)."""
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
-    cols, col_ok, w_rows = _tile_columns(pid_n, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
+    cols, col_ok = _tile_columns(pid_n, C, BLOCK_N)
+    local, w_rows = _subcenter_rows(cols, C, CLASS_INDEX, 0, 1, HAS_INDEX)
+    inv = tl.load(W_INV + local, mask=col_ok, other=0.0)
     ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = ds < D
     dw = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for pid_m in range(0, tl.cdiv(B, BLOCK_M)):
         rows, row_ok, safe_rows = _tile_rows(pid_m, B, BLOCK_M)
-        acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
-                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
-        e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD)
+        acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+        c = acc * inv[None, :]
+        e = _grad_tile(c, rows, row_ok, cols, col_ok, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD) * inv[None, :]
         x_blk = tl.load(X + _offsets(safe_rows, stride_x, ds), mask=d_ok[None, :], other=0.0)
         dw += _grad_dw(e, x_blk, UPCAST, IEEE, SCALE)
     tl.store(DW + _offsets(cols, D, ds), dw, mask=col_ok[:, None] & d_ok[None, :])
@@ -317,17 +385,20 @@ def lse_backward_dx_kernel(
     """Split backward, dx half. Program (row tile, class split, D chunk): sweep
     the split's class tiles, recompute the logits, accumulate e . W for its D
     chunk in registers; one fp32 atomic add per split at the end (splits x B x D
-    in all, against (C / BLOCK_N) x B x D for the atomic backward)."""
+    in all, against (C / BLOCK_N) x B x D for the atomic backward). Without
+    sub-centers, as the dW half."""
     rows, row_ok, safe_rows = _tile_rows(tl.program_id(0), B, BLOCK_M)
     ds = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = ds < D
     dx = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     first, end = _split_tiles(tl.program_id(1), tl.num_programs(1), C, BLOCK_N)
     for t in range(first, end):
-        cols, col_ok, w_rows = _tile_columns(t, C, CLASS_INDEX, BLOCK_N, HAS_INDEX)
-        acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w,
-                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
-        e = _grad_tile(acc, rows, row_ok, cols, col_ok, W_INV, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD)
+        cols, col_ok = _tile_columns(t, C, BLOCK_N)
+        local, w_rows = _subcenter_rows(cols, C, CLASS_INDEX, 0, 1, HAS_INDEX)
+        inv = tl.load(W_INV + local, mask=col_ok, other=0.0)
+        acc = _logits_tile(X, W, safe_rows, w_rows, D, stride_x, stride_w, BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, IEEE)
+        c = acc * inv[None, :]
+        e = _grad_tile(c, rows, row_ok, cols, col_ok, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD) * inv[None, :]
         w_blk = tl.load(W + _offsets(w_rows, stride_w, ds), mask=d_ok[None, :], other=0.0)
         dx += _grad_dx(e, w_blk, UPCAST, IEEE, SCALE)
     tl.atomic_add(DX + _offsets(rows, D, ds), dx, mask=row_ok[:, None] & d_ok[None, :])

@@ -34,7 +34,7 @@ SIZES = {
     "default": dict(batch=512, dim=128, classes=[10_000, 40_000, 100_000]),
     "large": dict(batch=512, dim=256, classes=[50_000, 200_000, 1_000_000]),
 }
-MARGINS = ("arcface", "cosface", "none", "adaface", "magface", "curricular")
+MARGINS = ("arcface", "cosface", "none", "adaface", "magface", "curricular", "subcenter")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -113,8 +113,8 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, help="embedding size D")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--margin", choices=MARGINS, default="arcface",
-                   help="'none' adds torch's linear_cross_entropy; adaface, magface and curricular run against "
-                   "their reference")
+                   help="'none' adds torch's linear_cross_entropy; adaface, magface, curricular and subcenter "
+                   "(ArcFace with 3 sub-centers per class: a [3C, D] weight) run against their reference")
     p.add_argument("--backends", nargs="+", help=f"implementations to run (default: all available; baselines: {BASELINES}; "
                    f"with --margin none on CUDA also the peers {PEERS})")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions after the warm-up (median reported)")

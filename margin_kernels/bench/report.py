@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 import time
 
+from .steps import weight_rows
 from .worker import Result
 
 
@@ -31,9 +32,10 @@ def mib(n: int | None) -> str:
 
 
 def useful_tflops(r: Result) -> float:
-    """6 B D C useful FLOPs of a fwd+bwd (three B x D x C GEMMs) over the time."""
+    """6 B D C useful FLOPs of a fwd+bwd (three B x D x C GEMMs) over the time;
+    C counts weight rows (3 per class with sub-centers)."""
     c = r.case
-    return 6 * c.batch * c.dim * c.classes / (r.time_ms * 1e-3) / 1e12
+    return 6 * c.batch * c.dim * weight_rows(c.margin, c.classes) / (r.time_ms * 1e-3) / 1e12
 
 
 WIDE_SPREAD = 0.25  # (max - min) / median above which a row's timing is flagged
@@ -93,7 +95,7 @@ LEGEND = {
 def format_legend(results: list[Result], naive: str) -> str:
     """What the columns and the implementations that ran mean."""
     ran = dict.fromkeys(r.case.impl for r in results)
-    parts = [f"speedup = {naive} time / time", "TFLOP/s counts 6 B D C useful FLOPs",
+    parts = [f"speedup = {naive} time / time", "TFLOP/s counts 6 B D C useful FLOPs (C: weight rows)",
              "workspace = peak memory beyond inputs and gradient outputs"]
     parts += [text for impl, text in LEGEND.items() if impl in ran]
     return "; ".join(parts) + "."

@@ -17,13 +17,22 @@ def margin_spec(name: str):
     import margin_kernels as mk
 
     return {"arcface": mk.ArcFace(), "cosface": mk.CosFace(), "none": mk.NormSoftmax(), "adaface": mk.AdaFace(),
-            "magface": mk.MagFace(), "curricular": mk.CurricularFace()}[name]
+            "magface": mk.MagFace(), "curricular": mk.CurricularFace(), "subcenter": mk.ArcFace()}[name]
+
+
+# Sub-center ArcFace runs with the paper's K = 3: a [3 C, D] weight.
+SUBCENTERS = {"subcenter": 3}
+
+
+def weight_rows(margin_name: str, classes: int) -> int:
+    """Rows of the benchmark's weight for ``classes`` classes."""
+    return classes * SUBCENTERS.get(margin_name, 1)
 
 
 # Margins with state or terms beyond a fixed per-row triple (norms, running
-# statistics, hard negatives): the fused backends run them as their heads do,
-# the naive baseline is the reference written from the paper.
-FEATURE_MARGINS = ("adaface", "magface", "curricular")
+# statistics, hard negatives, sub-centers): the fused backends run them as their
+# heads do, the naive baseline is the reference written from the paper.
+FEATURE_MARGINS = ("adaface", "magface", "curricular", "subcenter")
 
 
 def _feature_margin_step(impl: str, margin_name: str, x, w, y):
@@ -43,6 +52,8 @@ def _feature_margin_step(impl: str, margin_name: str, x, w, y):
             return lambda: reference.adaface_loss(x, w, y, mean, std).backward()
         if margin_name == "curricular":
             return lambda: reference.curricularface_loss(x, w, y, t)[0].backward()
+        if margin_name == "subcenter":
+            return lambda: reference.subcenter_loss(x, w, y, subcenters=SUBCENTERS[margin_name]).backward()
         return lambda: reference.magface_loss(x, w, y).backward()
     if impl not in ("cpp", "triton", TRITON_SPLIT):
         raise RuntimeError(f"{impl} has no {margin_name} loss")
@@ -54,6 +65,9 @@ def _feature_margin_step(impl: str, margin_name: str, x, w, y):
         elif margin_name == "curricular":  # as nn.CurricularFace: update t, then the loss
             t_step = spec.updated_t(t, target_cosines(x, w, y), torch.ones_like(y, dtype=torch.bool))
             loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, curriculum_t=t_step, options=options)
+        elif margin_name == "subcenter":
+            loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, subcenters=SUBCENTERS[margin_name],
+                                           options=options)
         else:
             a = spec.magnitudes(x)
             loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, margins=spec.margins_from_magnitudes(a),

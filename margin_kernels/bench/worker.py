@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .memory import reset_peak, rss_status
-from .steps import FEATURE_MARGINS, FLOORS, make_step, margin_spec
+from .steps import FEATURE_MARGINS, FLOORS, make_step, margin_spec, weight_rows
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _warm_up(case: Case, dtype, device) -> None:
     import margin_kernels as mk
 
     x = torch.randn(8, case.dim, dtype=dtype, device=device, requires_grad=True)
-    w = torch.randn(16, case.dim, dtype=dtype, device=device, requires_grad=True)
+    w = torch.randn(weight_rows(case.margin, 16), case.dim, dtype=dtype, device=device, requires_grad=True)
     y = torch.arange(8, device=device)
     make_step(case.impl, case.margin, x, w, y)()
     if case.impl in ("cpp", "triton") and case.margin not in FEATURE_MARGINS:
@@ -82,7 +82,8 @@ def run_case(case: Case) -> Result:
         base_rss = rss_status("VmRSS")
         g = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randn(case.batch, case.dim, generator=g, dtype=dtype).to(device).requires_grad_(True)
-        w = torch.randn(case.classes, case.dim, generator=g, dtype=dtype).to(device).requires_grad_(True)
+        w = torch.randn(weight_rows(case.margin, case.classes), case.dim, generator=g, dtype=dtype).to(device)
+        w.requires_grad_(True)
         y = torch.randint(0, case.classes, (case.batch,), generator=g).to(device)
         step = make_step(case.impl, case.margin, x, w, y)
         grad_bytes = (x.numel() + w.numel()) * x.element_size()
