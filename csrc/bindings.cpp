@@ -141,15 +141,16 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& target_logit,
-    const at::Tensor& grad_rows, double scale, int64_t block_rows) {
+    const at::Tensor& grad_rows, double scale, int64_t block_rows, int64_t subcenters) {
   check_layout(x_hat, weight, labels_local);
   TORCH_CHECK(x_hat.device().is_cpu(), "fused_forward_backward runs on the CPU only");
   TORCH_CHECK(weight.scalar_type() == at::kFloat, "fused_forward_backward takes float32 weights only");
-  check_vector("w_inv", w_inv, weight.size(0), at::kFloat, x_hat);
+  const int64_t rows = checked_rows(weight, c10::nullopt, subcenters, x_hat);
+  check_vector("w_inv", w_inv, rows, at::kFloat, x_hat);
   check_rows(x_hat, {{"target_logit", &target_logit}, {"grad_rows", &grad_rows}});
   TORCH_CHECK(block_rows >= 1, "block_rows must be >= 1, got ", block_rows);
   return margin_kernels::fused_forward_backward(x_hat, weight, w_inv, labels_local,
-                                                target_logit, grad_rows, scale, block_rows);
+                                                target_logit, grad_rows, scale, block_rows, subcenters);
 }
 
 }  // namespace
@@ -168,5 +169,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("class_index") = py::none(), py::arg("hard") = py::none(), py::arg("subcenters") = 1,
         py::arg("weight_grad") = true);
   m.def("fused_forward_backward", &fused_forward_backward,
-        "row-chunked single-shard sweep: (lse, dx_hat, dW) in three GEMMs");
+        "row-chunked single-shard sweep: (lse, dx_hat, dW) in three GEMMs",
+        py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),
+        py::arg("target_logit"), py::arg("grad_rows"), py::arg("scale"), py::arg("block_rows"),
+        py::arg("subcenters") = 1);
 }

@@ -82,15 +82,16 @@ class SinglePassLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_hat, weight, labels_local, target_logit, target_grad_x, target_grad_w, row_scale, scale, kernels,
-                options):
+    def forward(ctx, x_hat, weight, labels_local, target_logit, target_grad_x, target_grad_w, row_scale,
+                target_subcenter, subcenters, scale, kernels, options):
         targets = Targets(target_logit, target_grad_x, target_grad_w)
         w_inv = kernels.row_inv_norms(weight)
         check_weight_norms(w_inv, weight)
         lse, dx_hat, dw = kernels.fused_forward_backward(
             x_hat, weight, w_inv, labels_local, targets.logit, row_scale, scale=scale, options=options,
+            subcenters=subcenters,
         )
-        add_target_gradients(dx_hat, dw, targets, labels_local, lse, row_scale, w_inv)
+        add_target_gradients(dx_hat, dw, targets, labels_local, lse, row_scale, w_inv, subcenters, target_subcenter)
         loss = (row_scale * (lse - targets.logit)).sum()
         d_logit = target_logit_grad(targets.logit, lse, labels_local >= 0, row_scale)
         ctx.save_for_backward(dx_hat, dw, d_logit)
@@ -113,7 +114,7 @@ class SinglePassLoss(torch.autograd.Function):
             )
         ctx.consumed = True
         dx_hat, dw, d_logit = ctx.saved_tensors
-        return (dx_hat.mul_(grad_loss), dw.mul_(grad_loss), None, d_logit * grad_loss) + (None,) * 6
+        return (dx_hat.mul_(grad_loss), dw.mul_(grad_loss), None, d_logit * grad_loss) + (None,) * 8
 
 
 class ShardedLoss(torch.autograd.Function):

@@ -1,5 +1,6 @@
 """The benchmark CLI: argument errors and a tiny end-to-end run."""
 import json
+import os
 import subprocess
 import sys
 
@@ -116,3 +117,25 @@ def test_feature_margin_steps_run_on_their_weights(margin):
         assert w.shape[0] == 30
         for a, b in zip(*grads):
             assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@requires_cpp
+@pytest.mark.parametrize("margin", ["arcface", "subcenter", "adaface"])
+def test_warm_up_takes_both_paths(margin, monkeypatch):
+    """The warm-up runs the single pass and the class-blocked path (the custom
+    op, whose first call imports ~140 MiB of modules) for every margin, so that
+    neither import lands in a measured peak."""
+    import torch
+
+    from margin_kernels.backends import cpp
+    from margin_kernels.bench import worker
+
+    calls = []
+    for name in ("fused_forward_backward", "lse_backward"):
+        real = getattr(cpp, name)
+        monkeypatch.setattr(cpp, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    monkeypatch.delenv("MARGIN_KERNELS_SINGLE_PASS", raising=False)
+    worker._warm_up(worker.Case("cpp", 8, 16, 100, "float32", margin, "cpu", 1, 0), torch.float32,
+                    torch.device("cpu"))
+    assert "fused_forward_backward" in calls and "lse_backward" in calls
+    assert "MARGIN_KERNELS_SINGLE_PASS" not in os.environ

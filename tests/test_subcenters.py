@@ -133,12 +133,46 @@ def _fused_vs_reference(backend, margin, reduction, case=0, dtype=torch.float32,
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("name", list(MARGINS))
-def test_backends_equal_the_reference(backend, reduction, name):
-    # single_pass=True: the shortcut has no sub-centers; the call must not take it
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "class-blocked"])
+def test_backends_equal_the_reference(backend, reduction, name, single_pass):
     pairs = _fused_vs_reference(backend, MARGINS[name], reduction, case=1,
-                                options=mk.KernelOptions(single_pass=True))
+                                options=mk.KernelOptions(single_pass=single_pass))
     for got, want in pairs:
         assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k", [2, 4, 5])
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "class-blocked"])
+def test_other_subcenter_counts(backend, k, single_pass):
+    """K = 2 and 4 (the cpp epilogue's unrolled cases besides 3) and 5 (its
+    generic loop)."""
+    x, w, y = problem(b=19, d=10, c=13, k=k, seed=11)
+    assert subcenter_gap(x, w, k) > 1e-5
+    xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref = mk.margin_cross_entropy(xr, wr, y, mk.ArcFace(), backend="reference", subcenters=k)
+    ref.backward()
+    dev = backend_device(backend)
+    xf, wf = x.to(dev).clone().requires_grad_(True), w.to(dev).clone().requires_grad_(True)
+    loss = mk.margin_cross_entropy(xf, wf, y.to(dev), mk.ArcFace(), backend=backend, subcenters=k,
+                                   options=mk.KernelOptions(single_pass=single_pass))
+    loss.backward()
+    assert rel_err(loss.detach().cpu(), ref.detach()) < 1e-5
+    assert rel_err(xf.grad.cpu(), xr.grad) < 1e-5 and rel_err(wf.grad.cpu(), wr.grad) < 1e-5
+
+
+@requires_cpp
+def test_the_single_pass_shortcut_takes_subcenters(monkeypatch):
+    """cpp's row-chunked shortcut runs with sub-centers (several row chunks)."""
+    from margin_kernels.backends import cpp
+
+    calls = []
+    real = cpp.fused_forward_backward
+    monkeypatch.setattr(cpp, "fused_forward_backward", lambda *a, **k: calls.append(k["subcenters"]) or real(*a, **k))
+    options = mk.KernelOptions(single_pass=True, workspace_bytes=4 * 41 * K * 5)  # 5 rows per chunk
+    for got, want in _fused_vs_reference("cpp", mk.ArcFace(), "mean", options=options):
+        assert rel_err(got, want) < 1e-5
+    assert calls == [K]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

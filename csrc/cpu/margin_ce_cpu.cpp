@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "../blocks.h"
@@ -79,22 +80,33 @@ void project_rows(const Tensor& grad, const Tensor& w, const float* inv) {
   });
 }
 
-// Sub-center rows of a block to class columns. Without sub-centers the row
-// epilogue scales column j by inv[j] itself; with them the row is collapsed
-// first (class cosines, already scaled) and the epilogue scales by ones.
-class SubcenterScale {
+// A row of a block's logits seen as class columns. Without sub-centers it is
+// the row itself, and the epilogue scales column j by inv[j]; with them each
+// class's sub-center columns are collapsed into a per-thread compact row of
+// class cosines (already scaled, so the epilogue scales by ones), and the
+// gradient is expanded back into the row for the GEMMs.
+class ClassColumns {
  public:
-  SubcenterScale(int64_t subs, int64_t block) : subs_(subs), ones_(subs > 1 ? block : 0, 1.0f) {}
-  // The inv the epilogue applies to the row's first n columns.
-  const float* columns(float* row, const float* inv, int64_t n, int32_t* arg) const {
-    if (subs_ == 1) return inv;
-    cpu::collapse_subcenters(row, inv, n, subs_, arg);
-    return ones_.data();
+  ClassColumns(int64_t subs, int64_t block)
+      : subs_(subs), ones_(subs > 1 ? block : 0, 1.0f), compact_(ones_.size()), arg_(ones_.size()) {}
+
+  // The class row to run the epilogue on (n classes of `row`, whose weight
+  // rows have 1/||w|| `inv`), and the inv it applies.
+  std::pair<float*, const float*> collapse(float* row, const float* inv, int64_t n) {
+    if (subs_ == 1) return {row, inv};
+    cpu::collapse_subcenters(row, inv, n, subs_, compact_.data(), arg_.data());
+    return {compact_.data(), ones_.data()};
+  }
+
+  // The class row's gradient (d/dc) back into `row`, to each class's arg-max.
+  void expand(float* row, const float* inv, int64_t n) const {
+    if (subs_ > 1) cpu::expand_subcenters(compact_.data(), inv, n, subs_, arg_.data(), row);
   }
 
  private:
   int64_t subs_;
-  std::vector<float> ones_;
+  std::vector<float> ones_, compact_;
+  std::vector<int32_t> arg_;
 };
 
 // out <- a @ b into existing storage. at::mm_out with a transposed operand
@@ -142,7 +154,6 @@ Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_in
   if (B == 0) return row_max;
   if (C == 0) return row_max;
   Tensor buffer = at::empty({B, K * S}, x_hat.options());
-  const SubcenterScale sub(S, K);
   float* m = row_max.data_ptr<float>();
   float* l = row_sum.data_ptr<float>();
   const float* inv = w_inv.data_ptr<float>();
@@ -157,13 +168,12 @@ Tensor lse_forward(const Tensor& x_hat, const Tensor& weight, const Tensor& w_in
     gemm_into(z, x_hat, float_block(weight, class_index, c0 * S, k * S).t());
     float* zp = z.data_ptr<float>();
     at::parallel_for(0, B, grain_for(k * S), [&](int64_t r0, int64_t r1) {
-      std::vector<int32_t> arg(S > 1 ? k : 0);
+      ClassColumns columns(S, k);
       for (int64_t i = r0; i < r1; ++i) {
-        float* row = zp + i * k * S;
-        const float* col_inv = sub.columns(row, inv + c0 * S, k, arg.data());
-        const ZRow zr = logits_to_z(row, col_inv, k, s, lab[i], c0, tgt[i], hard_rows, i);
+        auto [z, col_inv] = columns.collapse(zp + i * k * S, inv + c0 * S, k);
+        const ZRow zr = logits_to_z(z, col_inv, k, s, lab[i], c0, tgt[i], hard_rows, i);
         const float new_max = std::max(m[i], zr.max);
-        l[i] = l[i] * std::exp(m[i] - new_max) + cpu::row_sum_exp(row, k, new_max);
+        l[i] = l[i] * std::exp(m[i] - new_max) + cpu::row_sum_exp(z, k, new_max);
         m[i] = new_max;
       }
     });
@@ -186,7 +196,6 @@ std::tuple<Tensor, Tensor> lse_backward(
   const bool float_weight = weight.scalar_type() == at::kFloat;
   Tensor buffer = at::empty({B, K * S}, x_hat.options());
   Tensor dw_buffer = float_weight || !weight_grad ? Tensor() : at::empty({K * S, D}, x_hat.options());
-  const SubcenterScale sub(S, K);
   const float* inv = w_inv.data_ptr<float>();
   const int64_t* lab = labels_local.data_ptr<int64_t>();
   const float* lse_p = lse.data_ptr<float>();
@@ -202,7 +211,7 @@ std::tuple<Tensor, Tensor> lse_backward(
     gemm_into(e, x_hat, w_blk.t());
     float* ep = e.data_ptr<float>();
     at::parallel_for(0, B, grain_for(nw), [&](int64_t r0, int64_t r1) {
-      std::vector<int32_t> arg(S > 1 ? k : 0);
+      ClassColumns columns(S, k);
       for (int64_t i = r0; i < r1; ++i) {
         float* row = ep + i * nw;
         const float coef = g[i] * s;
@@ -210,17 +219,17 @@ std::tuple<Tensor, Tensor> lse_backward(
           std::fill(row, row + nw, 0.0f);
           continue;
         }
-        const float* col_inv = sub.columns(row, inv + r0w, k, arg.data());
+        auto [z, col_inv] = columns.collapse(row, inv + r0w, k);
         if (hard_rows.on()) {
-          cpu::softmax_grad_from_logits_hard(row, col_inv, k, s, lse_p[i], coef, hard_rows.threshold[i],
+          cpu::softmax_grad_from_logits_hard(z, col_inv, k, s, lse_p[i], coef, hard_rows.threshold[i],
                                              hard_rows.t[i]);
         } else {
-          cpu::softmax_grad_from_logits(row, col_inv, k, s, lse_p[i], coef);
+          cpu::softmax_grad_from_logits(z, col_inv, k, s, lse_p[i], coef);
         }
         // The target column's gradient is added outside the kernels (docs/DESIGN.md §1).
         const int64_t t = lab[i] - c0;
-        if (lab[i] >= 0 && t >= 0 && t < k) row[t] = 0.0f;
-        if (S > 1) cpu::expand_subcenters(row, inv + r0w, k, S, arg.data());
+        if (lab[i] >= 0 && t >= 0 && t < k) z[t] = 0.0f;
+        columns.expand(row, inv + r0w, k);
       }
     });
     dx_hat.addmm_(e, w_blk);
@@ -237,16 +246,17 @@ std::tuple<Tensor, Tensor> lse_backward(
 std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
     const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
     const Tensor& labels_local, const Tensor& target_logit, const Tensor& grad_rows,
-    double scale, int64_t block_rows) {
+    double scale, int64_t block_rows, int64_t subcenters) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat,
               "fused_forward_backward takes float32 weights");
-  const int64_t B = x_hat.size(0), C = weight.size(0), D = weight.size(1);
+  const int64_t S = subcenters;
+  const int64_t B = x_hat.size(0), rows = weight.size(0), C = rows / S, D = weight.size(1);
   const int64_t R = std::min(std::max<int64_t>(block_rows, 1), std::max<int64_t>(B, 1));
   Tensor lse = at::empty({B}, x_hat.options());
   Tensor dx_hat = at::empty({B, D}, x_hat.options());
-  Tensor dw = at::zeros({C, D}, weight.options());
+  Tensor dw = at::zeros({rows, D}, weight.options());
   if (B == 0) return {lse, dx_hat, dw};
-  Tensor buffer = at::empty({R, C}, x_hat.options());
+  Tensor buffer = at::empty({R, rows}, x_hat.options());
   const float* inv = w_inv.data_ptr<float>();
   const int64_t* lab = labels_local.data_ptr<int64_t>();
   const float* tgt = target_logit.data_ptr<float>();
@@ -258,23 +268,26 @@ std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
   for (int64_t r0 = 0; r0 < B; r0 += R) {
     const int64_t r = std::min(R, B - r0);
     const Tensor x_blk = x_hat.narrow(0, r0, r);
-    Tensor e = scratch_view(buffer, r, C);
+    Tensor e = scratch_view(buffer, r, rows);
     gemm_into(e, x_blk, weight.t());
     float* ep = e.data_ptr<float>();
     at::parallel_for(0, r, 1, [&](int64_t a, int64_t b) {
+      ClassColumns columns(S, C);
       for (int64_t ii = a; ii < b; ++ii) {
         const int64_t i = r0 + ii;
-        float* row = ep + ii * C;
-        const ZRow zr = logits_to_z(row, inv, C, s, lab[i], 0, tgt[i], no_hard, i);
-        const float sum = cpu::exp_in_place_sum(row, C, zr.max);  // row <- exp(z - max)
+        float* row = ep + ii * rows;
+        auto [z, col_inv] = columns.collapse(row, inv, C);
+        const ZRow zr = logits_to_z(z, col_inv, C, s, lab[i], 0, tgt[i], no_hard, i);
+        const float sum = cpu::exp_in_place_sum(z, C, zr.max);  // z <- exp(z - max)
         lse_p[i] = zr.max + std::log(sum);
         const float coef = g[i] * s;
         if (coef == 0.0f) {
-          std::fill(row, row + C, 0.0f);
+          std::fill(row, row + rows, 0.0f);
           continue;
         }
-        cpu::scale_columns(row, inv, C, coef / sum);  // row <- coef * p * inv
-        if (zr.target_col >= 0) row[zr.target_col] = 0.0f;  // added outside (docs/DESIGN.md §1)
+        cpu::scale_columns(z, col_inv, C, coef / sum);  // z <- coef * p * inv (ones with sub-centers)
+        if (zr.target_col >= 0) z[zr.target_col] = 0.0f;  // added outside (docs/DESIGN.md §1)
+        columns.expand(row, inv, C);
       }
     });
     Tensor dx_blk = dx_hat.narrow(0, r0, r);

@@ -118,10 +118,45 @@ void softmax_grad_from_logits_hard(float* l, const float* inv, int64_t n, float 
   }
 }
 
-// (Not vectorized: the in-place walk carries a dependence, and the GEMMs
-// around it cost subs * D flops per entry.)
-void collapse_subcenters(float* row, const float* inv, int64_t n, int64_t subs, int32_t* arg) {
-  for (int64_t j = 0; j < n; ++j) {  // writes row[j] only after reading row[j subs ...], j <= j subs
+namespace {
+
+// Fixed sub-center counts unroll the inner loop, so that the class loop
+// vectorizes (strided loads of a constant stride).
+template <int kSubs>
+inline void collapse_fixed(const float* row, const float* inv, int64_t n, float* out, int32_t* arg) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    float best = row[j * kSubs] * inv[j * kSubs];
+    int32_t at = 0;
+    for (int k = 1; k < kSubs; ++k) {
+      const float v = row[j * kSubs + k] * inv[j * kSubs + k];
+      at = v > best ? k : at;
+      best = v > best ? v : best;
+    }
+    out[j] = best;
+    arg[j] = at;
+  }
+}
+
+template <int kSubs>
+inline void expand_fixed(const float* g, const float* inv, int64_t n, const int32_t* arg, float* row) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    for (int k = 0; k < kSubs; ++k) row[j * kSubs + k] = k == arg[j] ? g[j] * inv[j * kSubs + k] : 0.0f;
+  }
+}
+
+}  // namespace
+
+MK_VECTOR_CLONES
+void collapse_subcenters(const float* row, const float* inv, int64_t n, int64_t subs, float* out, int32_t* arg) {
+  switch (subs) {
+    case 2: return collapse_fixed<2>(row, inv, n, out, arg);
+    case 3: return collapse_fixed<3>(row, inv, n, out, arg);
+    case 4: return collapse_fixed<4>(row, inv, n, out, arg);
+    default: break;
+  }
+  for (int64_t j = 0; j < n; ++j) {
     const float* c = row + j * subs;
     const float* w = inv + j * subs;
     float best = c[0] * w[0];
@@ -133,15 +168,21 @@ void collapse_subcenters(float* row, const float* inv, int64_t n, int64_t subs, 
         at = static_cast<int32_t>(k);
       }
     }
-    row[j] = best;
+    out[j] = best;
     arg[j] = at;
   }
 }
 
-void expand_subcenters(float* row, const float* inv, int64_t n, int64_t subs, const int32_t* arg) {
-  for (int64_t j = n - 1; j >= 0; --j) {  // descending: row[j subs ...] is past every unread row[j' < j]
-    const float g = row[j];
-    for (int64_t k = 0; k < subs; ++k) row[j * subs + k] = k == arg[j] ? g * inv[j * subs + k] : 0.0f;
+MK_VECTOR_CLONES
+void expand_subcenters(const float* g, const float* inv, int64_t n, int64_t subs, const int32_t* arg, float* row) {
+  switch (subs) {
+    case 2: return expand_fixed<2>(g, inv, n, arg, row);
+    case 3: return expand_fixed<3>(g, inv, n, arg, row);
+    case 4: return expand_fixed<4>(g, inv, n, arg, row);
+    default: break;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t k = 0; k < subs; ++k) row[j * subs + k] = k == arg[j] ? g[j] * inv[j * subs + k] : 0.0f;
   }
 }
 

@@ -38,16 +38,15 @@ void softmax_grad_from_logits(float* l, const float* inv, int64_t n, float scale
 void softmax_grad_from_logits_hard(float* l, const float* inv, int64_t n, float scale,
                                    float shift, float coef, float threshold, float t);
 
-// Sub-center ArcFace, in place over a row of n * subs raw logits (class j's
-// sub-centers at j * subs ... j * subs + subs - 1): row[j] <- max_k row[j subs + k]
-// * inv[j subs + k], the class cosines in the row's first n entries, with
-// arg[j] the arg-max k (the first of ties).
-void collapse_subcenters(float* row, const float* inv, int64_t n, int64_t subs, int32_t* arg);
+// Sub-center ArcFace over a row of n * subs raw logits (class j's sub-centers
+// at j * subs ... j * subs + subs - 1): out[j] <- max_k row[j subs + k] *
+// inv[j subs + k], the n class cosines, with arg[j] the arg-max k (the first of
+// ties).
+void collapse_subcenters(const float* row, const float* inv, int64_t n, int64_t subs, float* out, int32_t* arg);
 
-// The way back: row[j subs + k] <- row[j] * inv[j subs + k] at k = arg[j], 0 at
-// the other k, in place: a class's gradient to its arg-max row, scaled by its
-// 1/||w||.
-void expand_subcenters(float* row, const float* inv, int64_t n, int64_t subs, const int32_t* arg);
+// The way back: row[j subs + k] <- g[j] * inv[j subs + k] at k = arg[j], 0 at
+// the other k: a class's gradient to its arg-max row, scaled by its 1/||w||.
+void expand_subcenters(const float* g, const float* inv, int64_t n, int64_t subs, const int32_t* arg, float* row);
 
 // y <- y - a * x (length n); and the dot product of two rows.
 void sub_scaled(float* y, const float* x, float a, int64_t n);

@@ -54,7 +54,8 @@ def _copies_rows(weight: Tensor, class_index: Tensor | None) -> bool:
 
 
 def block_rows(num_classes: int, workspace_bytes: int) -> int:
-    """Rows per chunk of the row-chunked sweep: a chunk holds rows x C logits."""
+    """Rows per chunk of the row-chunked sweep: a chunk holds rows x C logits
+    (C counting weight rows: K per class with sub-centers)."""
     return max(1, workspace_bytes // (FLOAT_BYTES * max(num_classes, 1)))
 
 
@@ -101,7 +102,8 @@ def prefers_fused(weight: Tensor, batch: int, options) -> bool:
     return supports_fused(weight) and block_rows(weight.shape[0], options.workspace_bytes) >= min(batch, MIN_FUSED_ROWS)
 
 
-def fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows, *, scale, options):
+def fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows, *, scale, options,
+                           subcenters=1):
     r = block_rows(weight.shape[0], options.workspace_bytes)
     return _C.fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows.float().contiguous(),
-                                     float(scale), r)
+                                     float(scale), r, subcenters)

@@ -3,6 +3,7 @@ run in a fresh subprocess so that its peak memory is its own."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -11,7 +12,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .memory import reset_peak, rss_status
-from .steps import FEATURE_MARGINS, FLOORS, make_step, margin_spec, weight_rows
+from ..backends import SINGLE_PASS_ENV
+from .steps import FLOORS, make_step, weight_rows
 
 
 @dataclass
@@ -55,14 +57,20 @@ def _warm_up(case: Case, dtype, device) -> None:
     measured peak."""
     import torch
 
-    import margin_kernels as mk
-
     x = torch.randn(8, case.dim, dtype=dtype, device=device, requires_grad=True)
     w = torch.randn(weight_rows(case.margin, 16), case.dim, dtype=dtype, device=device, requires_grad=True)
     y = torch.arange(8, device=device)
     make_step(case.impl, case.margin, x, w, y)()
-    if case.impl in ("cpp", "triton") and case.margin not in FEATURE_MARGINS:
-        mk.margin_cross_entropy(x, w, y, margin_spec(case.margin), backend=case.impl, reduction="none").sum().backward()
+    if case.impl in ("cpp", "triton"):  # the step again, with the shortcut off (the steps read the default)
+        previous = os.environ.get(SINGLE_PASS_ENV)
+        os.environ[SINGLE_PASS_ENV] = "0"
+        try:
+            make_step(case.impl, case.margin, x, w, y)()
+        finally:
+            if previous is None:
+                del os.environ[SINGLE_PASS_ENV]
+            else:
+                os.environ[SINGLE_PASS_ENV] = previous
 
 
 def run_case(case: Case) -> Result:
