@@ -240,6 +240,30 @@ def test_heads_own_a_subcenter_weight():
                                                           curriculum_t=t, subcenters=K)) < 1e-5
 
 
+@requires_cpp
+@pytest.mark.parametrize("head", ["AdaFace", "MagFace", "ElasticArcFace"])
+def test_feature_heads_take_subcenters(head):
+    """The heads whose margins come from the embeddings (AdaFace, MagFace) or
+    from the target cosines (sorted elastic draws) with sub-centers: the fused
+    head against the same head on the reference backend."""
+    x, w, y = PROBLEMS[0]
+    kwargs = dict(plus=True, generator=torch.Generator().manual_seed(0)) if head == "ElasticArcFace" else {}
+    losses, grads = [], []
+    for backend in ("reference", "cpp"):
+        if head == "ElasticArcFace":
+            kwargs["generator"] = torch.Generator().manual_seed(0)
+        module = getattr(mk.nn, head)(12, 41, subcenters=K, backend=backend, **kwargs)
+        with torch.no_grad():
+            module.weight.copy_(w)
+        xg = (x * 3.0).clone().requires_grad_(True)  # norms inside MagFace's [10, 110]
+        loss = module(xg, y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append((xg.grad, module.weight.grad))
+    assert rel_err(losses[1], losses[0]) < 1e-5
+    assert rel_err(grads[1][0], grads[0][0]) < 1e-5 and rel_err(grads[1][1], grads[0][1]) < 1e-5
+
+
 def test_compiles_fullgraph():
     def loss_fn(x, w, y):
         return mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend="cpp", subcenters=K)
