@@ -60,14 +60,21 @@ def geometry(embeddings: Tensor, w_rows: Tensor, mask: Tensor | None = None) -> 
 
 
 @torch.no_grad()
-def nearest_subcenters(embeddings: Tensor, weight: Tensor, classes: Tensor, subcenters: int) -> Tensor:
+def subcenter_cosines(embeddings: Tensor, weight: Tensor, classes: Tensor, subcenters: int,
+                      dtype: torch.dtype = torch.float64) -> Tensor:
     """For sub-center weights ([C*K, D], class c's sub-centers at rows c*K ...
-    c*K + K - 1): the sub-center k of class ``classes[i]`` nearest to row i,
-    int64 [B], from float64 cosines (the first of ties)."""
+    c*K + K - 1): the cosines of row i to the K sub-centers of class
+    ``classes[i]``, [B, K] in ``dtype`` (a gather of B*K rows)."""
     rows = classes.long()[:, None] * subcenters + torch.arange(subcenters, device=classes.device)
-    x = F.normalize(embeddings.detach().double(), dim=1, eps=NORM_EPS)
-    w = F.normalize(weight.detach()[rows.flatten()].double(), dim=1, eps=NORM_EPS).view(*rows.shape, -1)
-    return torch.einsum("bd,bkd->bk", x, w).argmax(dim=1)
+    x = F.normalize(embeddings.detach().to(dtype), dim=1, eps=NORM_EPS)
+    w = F.normalize(weight.detach()[rows.flatten()].to(dtype), dim=1, eps=NORM_EPS).view(*rows.shape, -1)
+    return torch.einsum("bd,bkd->bk", x, w)
+
+
+def nearest_subcenters(embeddings: Tensor, weight: Tensor, classes: Tensor, subcenters: int) -> Tensor:
+    """The sub-center k of class ``classes[i]`` nearest to row i, int64 [B],
+    from float64 cosines (the first of ties)."""
+    return subcenter_cosines(embeddings, weight, classes, subcenters).argmax(dim=1)
 
 
 def prepare_targets(geo: Geometry, margins: RowMargins, margin: Margin) -> Targets:

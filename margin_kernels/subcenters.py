@@ -2,20 +2,18 @@
 sub-centers per class (rows c·K + k of a [C·K, D] weight), find each class's
 dominant sub-center and the samples far from it, to drop as label noise.
 
-Only the clean-up lives here: the fused loss with sub-centers is not
-implemented yet (docs/DESIGN.md §1); ``reference.subcenter_loss`` is its oracle.
-Both functions stream over the samples in chunks and never hold more than
-chunk × K cosines.
+The loss itself is ``margin_cross_entropy(..., subcenters=K)`` (and the heads'
+and PartialFC's ``subcenters=K``). Both functions here stream over the samples
+in chunks and never hold more than chunk × K cosines.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .margins import NORM_EPS
+from ._targets import subcenter_cosines
 
 __all__ = ["dominant_subcenters", "far_from_dominant"]
 
@@ -41,13 +39,9 @@ def _check(embeddings: Tensor, labels: Tensor, weight: Tensor, subcenters: int) 
 def _subcenter_cosines(embeddings: Tensor, labels: Tensor, weight: Tensor, subcenters: int,
                        chunk: int) -> Tensor:
     """[N, K] float32 cosines of each sample to its class's sub-centers."""
-    out = []
-    for start in range(0, embeddings.shape[0], chunk):
-        x = F.normalize(embeddings[start : start + chunk].float(), dim=1, eps=NORM_EPS)
-        rows = labels[start : start + chunk].long()[:, None] * subcenters + torch.arange(subcenters,
-                                                                                         device=labels.device)
-        w = F.normalize(weight.detach()[rows.flatten()].float(), dim=1, eps=NORM_EPS).view(*rows.shape, -1)
-        out.append(torch.einsum("nd,nkd->nk", x, w))
+    out = [subcenter_cosines(embeddings[start : start + chunk], weight, labels[start : start + chunk], subcenters,
+                             torch.float32)
+           for start in range(0, embeddings.shape[0], chunk)]
     return torch.cat(out) if out else embeddings.new_zeros(0, subcenters, dtype=torch.float32)
 
 
