@@ -195,6 +195,37 @@ def test_half_precision(backend, dtype):
         assert rel_err(got, want) < 2e-2
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton is not available")
+@pytest.mark.parametrize("class_index", [False, True])
+def test_triton_half_weight_gradient_in_chunks(class_index):
+    """bf16 weights over 300 classes: dW goes through two chunks of the fp32
+    scratch (256 classes, 2 rows each), directly or through a class index."""
+    from margin_kernels.backends import triton_backend as tb
+
+    k, c = 2, 300
+    x, w, y = problem(b=9, d=8, c=c, k=k, seed=4, ignore=())
+    dev = backend_device("triton")
+    x_hat = F.normalize(x, dim=1).to(dev)
+    w = w.to(torch.bfloat16).to(dev)
+    index = torch.arange(c * k, device=dev) if class_index else None
+    inv = tb.row_inv_norms(w, class_index=index)
+    labels = y.to(dev)
+    opts = mk.KernelOptions(workspace_bytes=1).resolved()
+    target = torch.zeros(9, device=dev)
+    lse = tb.lse_forward(x_hat, w, inv, labels, target, scale=8.0, options=opts, class_index=index, subcenters=k)
+    g = torch.ones(9, device=dev)
+    dx, dw = tb.lse_backward(x_hat, w, inv, labels, lse, g, scale=8.0, options=opts, class_index=index, subcenters=k)
+    # the same sums by hand: softmax over the max cosines, the target logit 0, no target share
+    xr, wr = x_hat.double().cpu().requires_grad_(True), w.double().cpu().requires_grad_(True)
+    cos = xr @ F.normalize(wr, dim=1).t()
+    z = 8.0 * cos.view(9, c, k).amax(2)
+    z = torch.where(F.one_hot(y, c).bool(), torch.zeros_like(z), z)
+    ref_lse = torch.logsumexp(z, dim=1)
+    assert rel_err(lse.cpu(), ref_lse.detach()) < 1e-5
+    ref_lse.sum().backward()
+    assert rel_err(dx.cpu(), xr.grad) < 1e-4 and rel_err(dw.float().cpu(), wr.grad) < 1e-2
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_with_curricularface_hard_negatives(backend):
     """Sub-centers under CurricularFace's modulation: the hard rule applies to
@@ -323,11 +354,14 @@ def _reference_step(x, w, y, classes=None):
     return loss.detach(), xr.grad, dw
 
 
-@requires_cpp
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sample_rate", [1.0, 0.5])
-def test_partial_fc_in_one_process(sample_rate):
+def test_partial_fc_in_one_process(backend, sample_rate):
+    """Sampled: the kernels read each sampled class's K rows through the index."""
     x, w, y = PROBLEMS[0]
-    pfc = mk.PartialFC(12, 41, mk.ArcFace(), sample_rate=sample_rate, subcenters=K,
+    if backend_device(backend) != "cpu":
+        pytest.skip("the one-process PartialFC check runs on CPU tensors")
+    pfc = mk.PartialFC(12, 41, mk.ArcFace(), sample_rate=sample_rate, subcenters=K, backend=backend,
                        generator=torch.Generator().manual_seed(0))
     pfc.load_state_dict({"weight": w})
     xg = x.clone().requires_grad_(True)
