@@ -141,16 +141,18 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& target_logit,
-    const at::Tensor& grad_rows, double scale, int64_t block_rows, int64_t subcenters) {
+    const at::Tensor& grad_rows, double scale, int64_t block_rows, const c10::optional<at::Tensor>& hard,
+    int64_t subcenters) {
   check_layout(x_hat, weight, labels_local);
   TORCH_CHECK(x_hat.device().is_cpu(), "fused_forward_backward runs on the CPU only");
   TORCH_CHECK(weight.scalar_type() == at::kFloat, "fused_forward_backward takes float32 weights only");
   const int64_t rows = checked_rows(weight, c10::nullopt, subcenters, x_hat);
   check_vector("w_inv", w_inv, rows, at::kFloat, x_hat);
   check_rows(x_hat, {{"target_logit", &target_logit}, {"grad_rows", &grad_rows}});
+  check_hard(hard, x_hat);
   TORCH_CHECK(block_rows >= 1, "block_rows must be >= 1, got ", block_rows);
-  return margin_kernels::fused_forward_backward(x_hat, weight, w_inv, labels_local,
-                                                target_logit, grad_rows, scale, block_rows, subcenters);
+  return margin_kernels::fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows,
+                                                scale, block_rows, hard, subcenters);
 }
 
 }  // namespace
@@ -172,5 +174,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "row-chunked single-shard sweep: (lse, dx_hat, dW) in three GEMMs",
         py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),
         py::arg("target_logit"), py::arg("grad_rows"), py::arg("scale"), py::arg("block_rows"),
-        py::arg("subcenters") = 1);
+        py::arg("hard") = py::none(), py::arg("subcenters") = 1);
 }

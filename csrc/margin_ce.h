@@ -49,11 +49,12 @@ MK_DECLARE_KERNEL_INTERFACE
 // Single-shard shortcut (CPU only): sweeps chunks of `block_rows` rows over all
 // classes and returns (lse, dx_hat, dW) for row weights `grad_rows` in one pass
 // of three GEMMs, without the target columns' share. float32 weights only;
-// `subcenters` as in lse_forward.
+// `hard` and `subcenters` as in lse_forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& target_logit,
-    const at::Tensor& grad_rows, double scale, int64_t block_rows, int64_t subcenters);
+    const at::Tensor& grad_rows, double scale, int64_t block_rows,
+    const c10::optional<at::Tensor>& hard, int64_t subcenters);
 
 #ifdef MK_WITH_CUDA
 // cuBLAS blocks through ATen plus the epilogue kernels of csrc/cuda/epilogue.cu.

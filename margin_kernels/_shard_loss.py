@@ -82,13 +82,13 @@ class SinglePassLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_hat, weight, labels_local, target_logit, target_grad_x, target_grad_w, row_scale,
+    def forward(ctx, x_hat, weight, labels_local, target_logit, target_grad_x, target_grad_w, row_scale, hard,
                 target_subcenter, subcenters, scale, kernels, options):
         targets = Targets(target_logit, target_grad_x, target_grad_w)
         w_inv = kernels.row_inv_norms(weight)
         check_weight_norms(w_inv, weight)
         lse, dx_hat, dw = kernels.fused_forward_backward(
-            x_hat, weight, w_inv, labels_local, targets.logit, row_scale, scale=scale, options=options,
+            x_hat, weight, w_inv, labels_local, targets.logit, row_scale, scale=scale, options=options, hard=hard,
             subcenters=subcenters,
         )
         add_target_gradients(dx_hat, dw, targets, labels_local, lse, row_scale, w_inv, subcenters, target_subcenter)
@@ -114,7 +114,7 @@ class SinglePassLoss(torch.autograd.Function):
             )
         ctx.consumed = True
         dx_hat, dw, d_logit = ctx.saved_tensors
-        return (dx_hat.mul_(grad_loss), dw.mul_(grad_loss), None, d_logit * grad_loss) + (None,) * 8
+        return (dx_hat.mul_(grad_loss), dw.mul_(grad_loss), None, d_logit * grad_loss) + (None,) * 9
 
 
 class ShardedLoss(torch.autograd.Function):

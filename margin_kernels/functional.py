@@ -154,14 +154,14 @@ def margin_cross_entropy(
     kernels = backends.load(name)
     options = options.resolved()
 
-    if hard is None and _can_fuse(kernels, weight, reduction, compiling, labels.shape[0], options):
+    if _can_fuse(kernels, weight, reduction, compiling, labels.shape[0], options):
         labels_local = _labels_local(labels, ignore_index)
         row_scale = valid.float()
         if reduction == "mean":
             row_scale = row_scale / valid.sum().clamp_min(1)
         loss, lse = SinglePassLoss.apply(
-            x_hat.contiguous(), weight, labels_local, *targets, row_scale, target_subcenter, subcenters, margin.s,
-            kernels, options
+            x_hat.contiguous(), weight, labels_local, *targets, row_scale, hard, target_subcenter, subcenters,
+            margin.s, kernels, options
         )
     else:
         rows, lse, _ = torch.ops.margin_kernels.margin_ce_rows(

@@ -92,7 +92,8 @@ def test_the_modulation_is_not_a_no_op():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", [0, 2])
-def test_backends_equal_the_reference(backend, reduction, case):
+@pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "class-blocked"])
+def test_backends_equal_the_reference(backend, reduction, case, single_pass):
     x, w, y = PROBLEMS[case]
     xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
     ref, t = reference.curricularface_loss(xr, wr, y, T.double(), reduction=reduction)
@@ -102,13 +103,33 @@ def test_backends_equal_the_reference(backend, reduction, case):
 
     dev = backend_device(backend)
     xf, wf = x.to(dev).clone().requires_grad_(True), w.to(dev).clone().requires_grad_(True)
-    # single_pass=True: the shortcut has no hard negatives; the call must not take it
     loss = mk.margin_cross_entropy(xf, wf, y.to(dev), SPEC, backend=backend, reduction=reduction,
-                                   curriculum_t=t.float().to(dev), options=mk.KernelOptions(single_pass=True))
+                                   curriculum_t=t.float().to(dev), options=mk.KernelOptions(single_pass=single_pass))
     (loss * upstream.float().to(dev)).sum().backward()
     assert rel_err(loss.detach().cpu(), ref.detach()) < 1e-5
     assert rel_err(xf.grad.cpu(), xr.grad) < 1e-5
     assert rel_err(wf.grad.cpu(), wr.grad) < 1e-5
+
+
+@requires_cpp
+def test_the_single_pass_shortcut_takes_the_hard_rule(monkeypatch):
+    """cpp's row-chunked shortcut runs with hard negatives (several row chunks)."""
+    from margin_kernels.backends import cpp
+
+    calls = []
+    real = cpp.fused_forward_backward
+    monkeypatch.setattr(cpp, "fused_forward_backward", lambda *a, **k: calls.append(k["hard"]) or real(*a, **k))
+    x, w, y = PROBLEMS[0]
+    xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    ref, t = reference.curricularface_loss(xr, wr, y, T.double())
+    ref.backward()
+    xf, wf = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    options = mk.KernelOptions(single_pass=True, workspace_bytes=4 * 41 * 5)  # 5 rows per chunk
+    loss = mk.margin_cross_entropy(xf, wf, y, SPEC, backend="cpp", curriculum_t=t.float(), options=options)
+    loss.backward()
+    assert len(calls) == 1 and calls[0] is not None and calls[0].shape == (2, x.shape[0])
+    assert rel_err(loss.detach(), ref.detach()) < 1e-5
+    assert rel_err(xf.grad, xr.grad) < 1e-5 and rel_err(wf.grad, wr.grad) < 1e-5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -246,7 +246,7 @@ std::tuple<Tensor, Tensor> lse_backward(
 std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
     const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
     const Tensor& labels_local, const Tensor& target_logit, const Tensor& grad_rows,
-    double scale, int64_t block_rows, int64_t subcenters) {
+    double scale, int64_t block_rows, const c10::optional<Tensor>& hard, int64_t subcenters) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat,
               "fused_forward_backward takes float32 weights");
   const int64_t S = subcenters;
@@ -261,7 +261,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
   const int64_t* lab = labels_local.data_ptr<int64_t>();
   const float* tgt = target_logit.data_ptr<float>();
   const float* g = grad_rows.data_ptr<float>();
-  const HardRows no_hard{c10::nullopt};
+  const HardRows hard_rows(hard);
   float* lse_p = lse.data_ptr<float>();
   const float s = static_cast<float>(scale);
 
@@ -273,11 +273,13 @@ std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
     float* ep = e.data_ptr<float>();
     at::parallel_for(0, r, 1, [&](int64_t a, int64_t b) {
       ClassColumns columns(S, C);
+      std::vector<float> factor(hard_rows.on() ? C : 0);  // m'(c) of the hard negatives' modulation
       for (int64_t ii = a; ii < b; ++ii) {
         const int64_t i = r0 + ii;
         float* row = ep + ii * rows;
         auto [z, col_inv] = columns.collapse(row, inv, C);
-        const ZRow zr = logits_to_z(z, col_inv, C, s, lab[i], 0, tgt[i], no_hard, i);
+        if (hard_rows.on()) cpu::hard_factors(z, col_inv, C, hard_rows.threshold[i], hard_rows.t[i], factor.data());
+        const ZRow zr = logits_to_z(z, col_inv, C, s, lab[i], 0, tgt[i], hard_rows, i);
         const float sum = cpu::exp_in_place_sum(z, C, zr.max);  // z <- exp(z - max)
         lse_p[i] = zr.max + std::log(sum);
         const float coef = g[i] * s;
@@ -286,6 +288,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
           continue;
         }
         cpu::scale_columns(z, col_inv, C, coef / sum);  // z <- coef * p * inv (ones with sub-centers)
+        if (hard_rows.on()) cpu::multiply(z, factor.data(), C);
         if (zr.target_col >= 0) z[zr.target_col] = 0.0f;  // added outside (docs/DESIGN.md §1)
         columns.expand(row, inv, C);
       }

@@ -187,6 +187,21 @@ void expand_subcenters(const float* g, const float* inv, int64_t n, int64_t subs
 }
 
 MK_VECTOR_CLONES
+void hard_factors(const float* z, const float* inv, int64_t n, float threshold, float t, float* out) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float c = z[j] * inv[j];
+    out[j] = c > threshold ? t + 2.0f * c : 1.0f;
+  }
+}
+
+MK_VECTOR_CLONES
+void multiply(float* z, const float* f, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) z[j] *= f[j];
+}
+
+MK_VECTOR_CLONES
 void sub_scaled(float* y, const float* x, float a, int64_t n) {
   for (int64_t j = 0; j < n; ++j) y[j] -= a * x[j];
 }

@@ -48,6 +48,13 @@ void collapse_subcenters(const float* row, const float* inv, int64_t n, int64_t 
 // the other k: a class's gradient to its arg-max row, scaled by its 1/||w||.
 void expand_subcenters(const float* g, const float* inv, int64_t n, int64_t subs, const int32_t* arg, float* row);
 
+// CurricularFace's gradient factor m'(c_j) per column, c_j = z_j * inv_j:
+// t + 2 c_j where c_j > threshold, 1 elsewhere.
+void hard_factors(const float* z, const float* inv, int64_t n, float threshold, float t, float* out);
+
+// z_j <- z_j * f_j, in place.
+void multiply(float* z, const float* f, int64_t n);
+
 // y <- y - a * x (length n); and the dot product of two rows.
 void sub_scaled(float* y, const float* x, float a, int64_t n);
 float dot(const float* a, const float* b, int64_t n);

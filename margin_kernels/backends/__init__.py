@@ -14,7 +14,7 @@ and the single-shard shortcut, where ``supports_fused`` says it has one:
     supports_fused(weight) -> bool
     prefers_fused(weight, batch, options) -> bool
     fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows, *,
-                           scale, options, subcenters=1) -> (lse, dx_hat, dW)
+                           scale, options, hard=None, subcenters=1) -> (lse, dx_hat, dW)
 
 The backwards leave out the target columns (the caller adds their exact share);
 ``hard`` is CurricularFace's hard negatives, float32 [2, B] (thresholds, t).

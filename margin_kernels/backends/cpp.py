@@ -103,7 +103,7 @@ def prefers_fused(weight: Tensor, batch: int, options) -> bool:
 
 
 def fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows, *, scale, options,
-                           subcenters=1):
+                           hard=None, subcenters=1):
     r = block_rows(weight.shape[0], options.workspace_bytes)
     return _C.fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows.float().contiguous(),
-                                     float(scale), r, subcenters)
+                                     float(scale), r, hard, subcenters)
