@@ -185,7 +185,8 @@ def chunk_classes(c: int, d: int, weight_dtype: torch.dtype, workspace_bytes: in
 
 def lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, options, class_index=None, hard=None,
                  subcenters=1, weight_grad=True):
-    """(dx_hat fp32 [B, D], dW [C or K, D] in weight's dtype, or None without
+    """(dx_hat fp32 [B, D], dW in weight's dtype with a row per row the shard
+    reads (C, the index's length, times the sub-centers), or None without
     ``weight_grad``), by ``options.triton_backward``: "atomic" (one kernel,
     fp32 atomics into dx and dW) or "split" (a dW kernel without atomics and a
     dx kernel, each recomputing the logits). Which wins is a matter of atomic
