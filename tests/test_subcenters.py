@@ -379,6 +379,24 @@ def test_partial_fc_in_one_process(backend, sample_rate):
 
 
 @requires_cpp
+def test_partial_fc_bf16_sampled_in_small_blocks():
+    """bf16 weights, sampled classes read through the index in several cpp
+    blocks (each gathered and widened to float32 with its K rows)."""
+    x, w, y = PROBLEMS[2]
+    w16 = w.to(torch.bfloat16)
+    pfc = mk.PartialFC(12, 41, mk.ArcFace(), sample_rate=0.5, subcenters=K, dtype=torch.bfloat16, backend="cpp",
+                       workspace_bytes=4096, generator=torch.Generator().manual_seed(1))
+    pfc.load_state_dict({"weight": w16})
+    xg = x.to(torch.bfloat16).requires_grad_(True)
+    loss = pfc(xg, torch.where(y == -100, -1, y))
+    loss.backward()
+    classes = pfc.last_sampled_index.view(-1, K)[:, 0] // K
+    want_loss, want_dx, want_dw = _reference_step(x.to(torch.bfloat16).float(), w16.float(), y, classes)
+    assert rel_err(loss.detach(), want_loss) < 1e-4
+    assert rel_err(xg.grad.float(), want_dx) < 2e-2 and rel_err(pfc.weight.grad.float(), want_dw) < 2e-2
+
+
+@requires_cpp
 def test_partial_fc_sharded_checkpoints_keep_subcenters_together(tmp_path):
     w = PROBLEMS[0][1]
     pfc = mk.PartialFC(12, 41, mk.ArcFace(), subcenters=K)
