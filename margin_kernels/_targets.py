@@ -71,10 +71,15 @@ def subcenter_cosines(embeddings: Tensor, weight: Tensor, classes: Tensor, subce
     return torch.einsum("bd,bkd->bk", x, w)
 
 
-def nearest_subcenters(embeddings: Tensor, weight: Tensor, classes: Tensor, subcenters: int) -> Tensor:
-    """The sub-center k of class ``classes[i]`` nearest to row i, int64 [B],
-    from float64 cosines (the first of ties)."""
-    return subcenter_cosines(embeddings, weight, classes, subcenters).argmax(dim=1)
+def target_rows(embeddings: Tensor, weight: Tensor, classes: Tensor, subcenters: int) -> tuple[Tensor, Tensor | None]:
+    """(the weight row of each row's target class ``classes[i]`` (in range),
+    int64 [B]; with sub-centers, which sub-center that is, else None). With
+    sub-centers the row is the class's nearest sub-center, from float64
+    cosines (the first of ties)."""
+    if subcenters == 1:
+        return classes, None
+    sub = subcenter_cosines(embeddings, weight, classes, subcenters).argmax(dim=1)
+    return classes * subcenters + sub, sub
 
 
 def prepare_targets(geo: Geometry, margins: RowMargins, margin: Margin) -> Targets:

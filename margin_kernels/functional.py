@@ -11,7 +11,7 @@ from . import backends, reference
 from ._checks import FUSED_DTYPES, check_args, check_margins, check_subcenters, check_values
 from ._ops import _labels_local  # also registers the margin_kernels:: custom ops
 from ._shard_loss import SinglePassLoss
-from ._targets import geometry, nearest_subcenters, prepare_targets
+from ._targets import geometry, prepare_targets, target_rows
 from .margins import NORM_EPS, CurricularFace, Margin, RowMargins
 
 __all__ = ["margin_cross_entropy", "draw_margins"]
@@ -50,14 +50,10 @@ def target_cosines(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_in
 
 def _target_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, valid: Tensor,
                  subcenters: int) -> tuple[Tensor, Tensor | None]:
-    """(the weight row of each row's target, int64 [B]; the sub-center it is,
-    or None without sub-centers). Ignored rows point at class 0."""
+    """``target_rows`` of the labels, ignored rows pointing at class 0."""
     classes = weight.shape[0] // subcenters
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long().clamp(0, classes - 1)
-    if subcenters == 1:
-        return safe_labels, None
-    sub = nearest_subcenters(embeddings, weight, safe_labels, subcenters)
-    return safe_labels * subcenters + sub, sub
+    return target_rows(embeddings, weight, safe_labels, subcenters)
 
 
 def margin_cross_entropy(
@@ -131,8 +127,8 @@ def margin_cross_entropy(
                      num_classes=weight.shape[0] // subcenters)
 
     valid = labels != ignore_index
-    rows, target_subcenter = _target_rows(embeddings, weight, labels, valid, subcenters)
-    geo = geometry(embeddings, weight.index_select(0, rows))
+    w_rows, target_subcenter = _target_rows(embeddings, weight, labels, valid, subcenters)
+    geo = geometry(embeddings, weight.index_select(0, w_rows))
     hard = None if curriculum_t is None else margin.hard_rule(geo.cos, geo.sin, curriculum_t, valid)
 
     if name == "reference":

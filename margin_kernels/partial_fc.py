@@ -30,7 +30,7 @@ from . import _shard_io, backends
 from ._checks import FUSED_DTYPES, bad_values, check_batch, check_subcenters, check_values
 from ._shard_loss import ShardedLoss
 from ._sharding import Group, class_split
-from ._targets import geometry, nearest_subcenters, prepare_targets
+from ._targets import geometry, prepare_targets, target_rows
 from .functional import kernel_options
 from .margins import NORM_EPS, AdaFace, CombinedMargin, CurricularFace, MagFace, Margin, RowMargins
 
@@ -249,12 +249,9 @@ class PartialFC(nn.Module):
             # clamped class, masked: no host sync); cos and sin are summed over
             # ranks so that every rank computes the same margins and target logits.
             target_subcenter = None
-            if self.num_local > 0:
-                target_rows = rows_local.clamp_min(0)
-                if self.subcenters > 1:  # the owner picks each row's nearest sub-center
-                    target_subcenter = nearest_subcenters(x, self.weight, target_rows, self.subcenters)
-                    target_rows = target_rows * self.subcenters + target_subcenter
-                geo = geometry(x, self.weight.index_select(0, target_rows), mask=rows_local >= 0)
+            if self.num_local > 0:  # (with sub-centers the owner picks each row's nearest)
+                w_rows, target_subcenter = target_rows(x, self.weight, rows_local.clamp_min(0), self.subcenters)
+                geo = geometry(x, self.weight.index_select(0, w_rows), mask=rows_local >= 0)
             else:
                 geo = geometry(x, torch.ones_like(x), mask=torch.zeros_like(valid))
             cos_sin = group.all_reduce(torch.stack([geo.cos, geo.sin]))

@@ -7,8 +7,8 @@ the logits once each; and the small row-norm / projection kernels.
 Every kernel reads class rows through an optional ``class_index`` so that a
 sampled subset of W is used without copying it. With SUBCENTERS = K each class
 is K consecutive rows (of W or of the index) and its cosine the max over them
-(the forward and the atomic backward; the split backward has none). Under ``TRITON_INTERPRET=1``
-(CPU tests) bf16 operands are upcast to fp32 before ``tl.dot`` (the
+(the forward and the atomic backward; the split backward has none). Under
+``TRITON_INTERPRET=1`` (CPU tests) bf16 operands are upcast to fp32 before ``tl.dot`` (the
 interpreter's bf16 dot is wrong; its fp16 dot is right, so fp16 runs as on a
 GPU) and a single configuration is used.
 
@@ -55,8 +55,9 @@ def _configs(kind: str, interpret: bool = INTERPRET, subcenters: bool = False) -
         # two accumulators per D chunk: smaller tiles
         "bwd": [(64, 128, 64, 0, 8, 3), (128, 64, 64, 0, 8, 3), (64, 64, 64, 0, 4, 3), (128, 128, 32, 0, 8, 2)],
         # a [BLOCK_N, BLOCK_D] (dW) or [BLOCK_M, BLOCK_D] (dx) accumulator lives across the whole loop;
-        # a BLOCK_D below D recomputes the logits once per D chunk. (BLOCK_D = 512, and 128 x 256 dW
-        # tiles, spill on sm_90 with hard negatives in bf16 / fp16: benchmarks/triton_aot.py.)
+        # a BLOCK_D below D recomputes the logits once per D chunk. (512-wide D chunks, and a 128 x 64 dW
+        # tile with a 256-wide chunk, spill on sm_90 with hard negatives in bf16 / fp16:
+        # benchmarks/triton_aot.py.)
         "bwd_dw": [(64, 64, 64, 256, 8, 3), (64, 128, 64, 128, 8, 3), (128, 64, 64, 128, 8, 2),
                    (64, 64, 32, 256, 8, 3)],
         "bwd_dx": [(64, 64, 64, 256, 8, 3), (128, 64, 64, 128, 8, 3), (64, 128, 64, 256, 8, 2),
