@@ -36,13 +36,14 @@ import torch
 from torch import Tensor
 
 from ._sharding import class_split
+from ._state import check_layout
 
 if TYPE_CHECKING:
     from .partial_fc import PartialFC
 
 FORMAT = 2
 META = "meta.pt"
-LOAD_ATTEMPTS = 3  # a save racing the load: start over from the new meta.pt this many times
+LOAD_ATTEMPTS = 20  # a save racing the load: start over from the new meta.pt up to this many times
 
 
 def _shard_name(start: int, end: int, save_id: str) -> str:
@@ -137,7 +138,8 @@ def save_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer |
     if group.rank == 0:
         meta = {"format": FORMAT, "save_id": save_id, "num_classes": pfc.num_classes, "subcenters": pfc.subcenters,
                 "embedding_size": pfc.embedding_size, "dtype": str(pfc.weight.dtype), "world_size": group.size,
-                "shards": shards, "buffers": {name: buf.detach().cpu() for name, buf in pfc.named_buffers()}}
+                "shards": shards, "buffers": {name: buf.detach().cpu() for name, buf in pfc.named_buffers()},
+                "layout": pfc.get_extra_state()}
         _atomic_write(_serialize(meta), os.path.join(path, META))
         keep = {entry["file"] for entry in shards}
         for old in os.listdir(path):  # earlier saves' shards, now unreachable
@@ -149,19 +151,43 @@ def save_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer |
     group.barrier()
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
+# Every key a meta.pt holds, and what each shard entry holds.
+META_KEYS = {"format": int, "save_id": str, "num_classes": int, "subcenters": int, "embedding_size": int,
+             "dtype": str, "world_size": int, "shards": list, "buffers": dict}
+SHARD_KEYS = {"file": str, "start": int, "end": int, "bytes": int, "sha256": str}
+
+
 def _read_meta(path: str) -> dict:
+    """meta.pt, checked to be a whole record of this format: anything else is
+    a ValueError naming the file."""
     meta_path = os.path.join(path, META)
     if not os.path.isfile(meta_path):
         raise ValueError(f"path {path!r} is not a sharded PartialFC checkpoint (no {META})")
     try:
         meta = torch.load(meta_path, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{meta_path}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        raise ValueError(f"{meta_path}: unreadable ({_first_line(exc)})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{meta_path}: checkpoint format {found!r}, this version reads {FORMAT} "
                          "(re-save it with the version that wrote it)")
+    _check_fields(meta, META_KEYS, meta_path)
+    for i, entry in enumerate(meta["shards"]):
+        _check_fields(entry, SHARD_KEYS, f"{meta_path} (shard entry {i})")
     return meta
+
+
+def _check_fields(record: object, fields: dict, where: str) -> None:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a dict, got {type(record).__name__} (a malformed checkpoint)")
+    for key, kind in fields.items():
+        if not isinstance(record.get(key), kind) or isinstance(record.get(key), bool):
+            raise ValueError(f"{where}: {key!r} is missing or not a {kind.__name__} (a malformed checkpoint)")
 
 
 def _load_shard(path: str, entry: dict) -> dict:
@@ -175,7 +201,11 @@ def _load_shard(path: str, entry: dict) -> dict:
     try:
         shard = torch.load(file, mmap=True, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{file}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+        if not os.path.exists(file):  # a save replaced this one between the checks and the read (the caller retries)
+            raise FileNotFoundError(file) from exc
+        raise ValueError(f"{file}: unreadable ({_first_line(exc)})") from exc
+    if not isinstance(shard, dict) or not isinstance(shard.get("weight"), Tensor):
+        raise ValueError(f"{file}: not a shard of this format (no weight tensor)")
     if (shard.get("start"), shard.get("end")) != (entry["start"], entry["end"]):
         raise ValueError(f"{file}: holds classes [{shard.get('start')}, {shard.get('end')}), {META} says "
                          f"[{entry['start']}, {entry['end']})")
@@ -185,36 +215,62 @@ def _load_shard(path: str, entry: dict) -> dict:
 def load_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Fill this rank's shard (and its optimizer state) from a directory written
     by ``save_sharded`` at any world size. Reads only the files meta.pt names
-    that overlap this rank's classes, verified and memory-mapped. Not a collective."""
+    that overlap this rank's classes, verified and memory-mapped. Not a collective.
+
+    Everything is checked and staged before the first byte is copied in: a load
+    that raises leaves the weight, the buffers and the optimizer state as they
+    were. A save that replaces the files while this reads them sends it back to
+    the new meta.pt, up to LOAD_ATTEMPTS times."""
     _check_holds_weight(pfc, optimizer)
-    for attempt in range(LOAD_ATTEMPTS):
+    for _ in range(LOAD_ATTEMPTS):
         meta = _read_meta(path)
         try:
-            _load_from(pfc, path, meta, optimizer)
-            return
+            staged = _stage(pfc, path, meta, optimizer)
         except FileNotFoundError:
-            if attempt + 1 == LOAD_ATTEMPTS or _read_meta(path)["save_id"] == meta["save_id"]:
+            if _read_meta(path)["save_id"] == meta["save_id"]:  # no newer save: the files are really gone
                 missing = [e["file"] for e in meta["shards"] if not os.path.exists(os.path.join(path, e["file"]))]
                 raise ValueError(f"{path}: {META} lists files that are missing: {missing}") from None
-            # a newer save replaced this one while we read it: start over from it
+            continue  # a newer save replaced this one while we read it: start over from it
+        _commit(pfc, optimizer, *staged)
+        return
+    raise ValueError(f"{path}: a save replaced the checkpoint's files {LOAD_ATTEMPTS} times while they were read; "
+                     "load once the saves pause")
 
 
-def _load_from(pfc: "PartialFC", path: str, meta: dict, optimizer: torch.optim.Optimizer | None) -> None:
+def _stage(pfc: "PartialFC", path: str, meta: dict,
+           optimizer: torch.optim.Optimizer | None) -> tuple[Tensor, dict[str, Tensor], dict[str, Any] | None]:
+    """(this rank's weight rows, the buffers, the optimizer state), read from the
+    checkpoint and checked against the module, in host memory; nothing of
+    ``pfc`` is touched."""
+    meta_path = os.path.join(path, META)
     expected = (pfc.num_classes, pfc.embedding_size)
     if (meta["num_classes"], meta["embedding_size"]) != expected:
         raise ValueError(f"{path}: checkpoint holds [{meta['num_classes']}, {meta['embedding_size']}] classes x dims, "
                          f"this PartialFC is {list(expected)}")
     k = pfc.subcenters
-    if meta.get("subcenters", 1) != k:
-        raise ValueError(f"{path}: checkpoint has {meta.get('subcenters', 1)} sub-center(s) per class, this "
+    if meta["subcenters"] != k:
+        raise ValueError(f"{path}: checkpoint has {meta['subcenters']} sub-center(s) per class, this "
                          f"PartialFC {k}")
+    weight = pfc.weight.detach()
+    if meta["dtype"] != str(weight.dtype):
+        raise ValueError(f"{path}: checkpoint holds {meta['dtype']} weights, this PartialFC {weight.dtype} (build it "
+                         f"with dtype={meta['dtype']}, load, then cast)")
+    mine = pfc.get_extra_state()
+    # (saves before the layout record: the margin is unknown, its state's names tell)
+    saved_layout = meta.get("layout", {"subcenters": meta["subcenters"], "margin": mine["margin"],
+                                       "state": sorted(meta["buffers"])})
+    check_layout("PartialFC", mine, saved_layout, meta_path)
+    buffers = {}
+    for name, buf in pfc.named_buffers():
+        saved = meta["buffers"].get(name)
+        if not isinstance(saved, Tensor) or saved.shape != buf.shape:
+            raise ValueError(f"{meta_path}: holds no {name!r} of shape {tuple(buf.shape)} (got {saved!r})")
+        buffers[name] = saved
+
     lo, hi = pfc.class_start, pfc.class_start + pfc.num_local
     covered = lo
-    weight = pfc.weight.detach()
-    # Staged in host memory and copied in only once complete: a load that fails
-    # half-way leaves the weight as it was.
     new_weight = torch.empty(weight.shape, dtype=weight.dtype)
-    new_state: dict[str, Any] = {}
+    new_state: dict[str, Any] | None = None if optimizer is None else {}
     for entry in sorted(meta["shards"], key=lambda e: e["start"]):
         start, end = entry["start"], entry["end"]
         if end <= lo or start >= hi:
@@ -224,27 +280,32 @@ def _load_from(pfc: "PartialFC", path: str, meta: dict, optimizer: torch.optim.O
         shard = _load_shard(path, entry)
         a, b = max(start, lo), min(end, hi)
         new_weight[(a - lo) * k : (b - lo) * k].copy_(shard["weight"][(a - start) * k : (b - start) * k])
-        if optimizer is not None:
-            saved = shard["optimizer"]
+        if new_state is not None:
+            saved = shard.get("optimizer")
             if saved is None:
                 raise ValueError(f"{os.path.join(path, entry['file'])}: saved without optimizer state, but an "
                                  "optimizer was given")
             for key, value in saved.items():
                 if isinstance(value, Tensor) and value.shape == shard["weight"].shape:
                     if key not in new_state:
-                        new_state[key] = torch.empty((pfc.num_local * k,) + value.shape[1:], dtype=value.dtype,
-                                                     device=weight.device)
+                        new_state[key] = torch.empty((pfc.num_local * k,) + value.shape[1:], dtype=value.dtype)
                     new_state[key][(a - lo) * k : (b - lo) * k].copy_(value[(a - start) * k : (b - start) * k])
                 elif key not in new_state:
                     new_state[key] = value.clone() if isinstance(value, Tensor) else value
         covered = max(covered, b)
     if covered < hi:
         raise ValueError(f"{path}: no shard file holds classes [{covered}, {hi}) (a missing or partial checkpoint)")
-    weight.copy_(new_weight)
-    for name, buf in pfc.named_buffers():  # the margin's state (AdaFace's statistics)
-        saved = meta.get("buffers", {}).get(name)
-        if saved is None:
-            raise ValueError(f"{path}: {META} holds no {name!r} (saved by a PartialFC with another margin)")
-        buf.copy_(saved)
+    return new_weight, buffers, new_state
+
+
+def _commit(pfc: "PartialFC", optimizer: torch.optim.Optimizer | None, weight: Tensor, buffers: dict[str, Tensor],
+            state: dict[str, Any] | None) -> None:
+    """Copy a staged load in; nothing here can fail on the checkpoint's account."""
+    with torch.no_grad():
+        pfc.weight.copy_(weight)
+        for name, buf in pfc.named_buffers():
+            buf.copy_(buffers[name])
     if optimizer is not None:
-        optimizer.state[pfc.weight] = new_state
+        device = pfc.weight.device
+        optimizer.state[pfc.weight] = {key: value.to(device) if isinstance(value, Tensor) and value.dim() else value
+                                       for key, value in state.items()}

@@ -67,7 +67,7 @@ def subcenter_cosines(embeddings: Tensor, weight: Tensor, classes: Tensor, subce
     ``classes[i]``, [B, K] in ``dtype`` (a gather of B*K rows)."""
     rows = classes.long()[:, None] * subcenters + torch.arange(subcenters, device=classes.device)
     x = F.normalize(embeddings.detach().to(dtype), dim=1, eps=NORM_EPS)
-    w = F.normalize(weight.detach()[rows.flatten()].to(dtype), dim=1, eps=NORM_EPS).view(*rows.shape, -1)
+    w = F.normalize(weight.detach()[rows.flatten()].to(dtype), dim=1, eps=NORM_EPS).view(*rows.shape, embeddings.shape[1])
     return torch.einsum("bd,bkd->bk", x, w)
 
 

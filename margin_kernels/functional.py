@@ -12,6 +12,7 @@ from ._checks import FUSED_DTYPES, check_args, check_margins, check_subcenters, 
 from ._ops import _labels_local  # also registers the margin_kernels:: custom ops
 from ._shard_loss import SinglePassLoss
 from ._targets import geometry, prepare_targets, target_rows
+from ._state import state_dtype
 from .margins import NORM_EPS, CurricularFace, Margin, RowMargins
 
 __all__ = ["margin_cross_entropy", "draw_margins"]
@@ -33,19 +34,22 @@ def draw_margins(
     here from a gather of B weight rows (B x K with sub-centers), as
     margin_cross_entropy does.
     """
+    check_subcenters(subcenters, weight.shape[0])
     valid = labels != ignore_index
     cos_y = target_cosines(embeddings, weight, labels, ignore_index, subcenters) if margin.needs_target_cosine else None
-    return margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=cos_y, valid=valid, generator=generator)
+    return margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=cos_y, valid=valid,
+                              generator=generator, dtype=state_dtype(embeddings.dtype))
 
 
 def target_cosines(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100,
                    subcenters: int = 1) -> Tensor:
-    """cos(x_i, w_{y_i}) per row, float32, from the same float64 geometry as the
-    fused path (0 for ignored rows; labels are clamped into range, the loss
-    itself rejects bad ones); with sub-centers, the nearest one's."""
+    """cos(x_i, w_{y_i}) per row, from the same float64 geometry as the fused
+    path, in float32 (float64 for float64 embeddings); 0 for ignored rows
+    (labels are clamped into range, the loss itself rejects bad ones); with
+    sub-centers, the nearest one's."""
     valid = labels != ignore_index
     rows, _ = _target_rows(embeddings, weight, labels, valid, subcenters)
-    return geometry(embeddings, weight.index_select(0, rows), mask=valid).cos.float()
+    return geometry(embeddings, weight.index_select(0, rows), mask=valid).cos.to(state_dtype(embeddings.dtype))
 
 
 def _target_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, valid: Tensor,
@@ -114,10 +118,7 @@ def margin_cross_entropy(
     """
     check_args(embeddings, weight, labels, margin, reduction)
     check_subcenters(subcenters, weight.shape[0])
-    curriculum_t = _check_curriculum_t(margin, curriculum_t, embeddings.device)
     options = kernel_options(options, workspace_bytes)
-    if margins is not None:
-        margins = check_margins(margins, labels.shape[0], embeddings.device)
     name = backends.resolve(backend, embeddings.device)
     if name != "reference" and embeddings.dtype not in FUSED_DTYPES:
         raise TypeError(f"backend={name!r} takes float32, bfloat16 or float16 inputs, got {embeddings.dtype}")
@@ -125,6 +126,9 @@ def margin_cross_entropy(
     if not compiling:  # the fused paths check weight from its row norms
         check_values(embeddings, weight if name == "reference" else None, labels, ignore_index,
                      num_classes=weight.shape[0] // subcenters)
+    curriculum_t = _check_curriculum_t(margin, curriculum_t, embeddings.device)
+    if margins is not None:
+        margins = check_margins(margins, labels.shape[0], embeddings.device)
 
     valid = labels != ignore_index
     w_rows, target_subcenter = _target_rows(embeddings, weight, labels, valid, subcenters)
@@ -142,6 +146,7 @@ def margin_cross_entropy(
         )
         return (loss, lse) if return_lse else loss
 
+    hard = None if hard is None else hard.float()  # the kernels' dtype
     x_hat = F.normalize(embeddings.float(), dim=1, eps=NORM_EPS)
     if margins is None:  # as draw_margins, reusing the target cosines computed here
         margins = margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=geo.cos.float(),
@@ -170,7 +175,7 @@ def margin_cross_entropy(
 
 
 def _check_curriculum_t(margin: Margin, t: Tensor | float | None, device: torch.device) -> Tensor | None:
-    """CurricularFace's t as a float32 0-d tensor on ``device``; None elsewhere."""
+    """CurricularFace's t as a float64 0-d tensor on ``device``; None elsewhere."""
     if not isinstance(margin, CurricularFace):
         if t is not None:
             raise ValueError(f"curriculum_t is CurricularFace's; got it with {type(margin).__name__}")
@@ -180,12 +185,13 @@ def _check_curriculum_t(margin: Margin, t: Tensor | float | None, device: torch.
                          "or pass curriculum_t= (0.0 at the start of training)")
     if isinstance(t, bool) or not isinstance(t, (int, float, Tensor)):
         raise TypeError(f"curriculum_t must be a float or a 0-d tensor, got {type(t).__name__}")
-    t = torch.as_tensor(t, dtype=torch.float32)
+    t = torch.as_tensor(t, dtype=torch.float64)
     if t.numel() != 1:
         raise ValueError(f"curriculum_t must be a scalar, got shape {tuple(t.shape)}")
-    # (a CUDA tensor is not read back: that would cost a host sync per step)
-    if t.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(t)):
-        raise ValueError(f"curriculum_t must be finite, got {t.item()}")
+    # A running mean of cosines. (A CUDA tensor is not read back: that would
+    # cost a host sync per step.)
+    if t.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(t.abs() <= 1):
+        raise ValueError(f"curriculum_t must be finite and in [-1, 1] (a running mean of target cosines), got {t.item()}")
     return t.reshape(()).to(device)
 
 

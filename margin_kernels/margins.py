@@ -50,7 +50,8 @@ SIN_EPS = 1e-6
 
 
 class RowMargins(NamedTuple):
-    """The per-row margin triple, float32 tensors of shape [B]."""
+    """The per-row margin triple, tensors of shape [B]: float32, float64 for
+    float64 embeddings."""
 
     m1: Tensor
     m2: Tensor
@@ -118,15 +119,17 @@ class Margin:
         cos_target: Tensor | None = None,
         valid: Tensor | None = None,
         generator: torch.Generator | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> RowMargins:
-        """Per-row (m1, m2, m3) for a batch of ``batch_size`` rows.
+        """Per-row (m1, m2, m3) for a batch of ``batch_size`` rows, in ``dtype``
+        (float64 for float64 embeddings: the margins' values as given).
 
         ``cos_target`` (the rows' target cosines) and ``valid`` (rows whose label
         is not ignored) are used only by the sorted elastic variants; elastic
         draws come from ``generator`` so that a step can be reproduced.
         """
         m1, m2, m3 = self.fixed_triple()
-        full = lambda v: torch.full((batch_size,), float(v), dtype=torch.float32, device=device)  # noqa: E731
+        full = lambda v: torch.full((batch_size,), float(v), dtype=dtype, device=device)  # noqa: E731
         return RowMargins(full(m1), full(m2), full(m3))
 
 
@@ -221,17 +224,21 @@ class _Elastic(Margin):
         _finite("std", self.std)
         _require(self.std >= 0, f"std must be >= 0, got {self.std}")
 
-    def _draw(self, batch_size: int, device: torch.device | str, generator: torch.Generator | None) -> Tensor:
-        mean = torch.full((batch_size,), float(self.m), dtype=torch.float32, device=device)
+    def _draw(self, batch_size: int, device: torch.device | str, generator: torch.Generator | None,
+              dtype: torch.dtype) -> Tensor:
+        # Drawn in float32 whatever ``dtype``: the same generator state gives
+        # the same margins to a float32 step and to its float64 oracle.
         if self.std == 0:
-            return mean
-        return torch.normal(mean, float(self.std), generator=generator)
+            return torch.full((batch_size,), float(self.m), dtype=dtype, device=device)
+        mean = torch.full((batch_size,), float(self.m), dtype=torch.float32, device=device)
+        return torch.normal(mean, float(self.std), generator=generator).to(dtype)
 
     def _place(self, m: Tensor) -> RowMargins:
         raise NotImplementedError
 
-    def row_margins(self, batch_size, *, device="cpu", cos_target=None, valid=None, generator=None):
-        m = self._draw(batch_size, device, generator)
+    def row_margins(self, batch_size, *, device="cpu", cos_target=None, valid=None, generator=None,
+                    dtype=torch.float32):
+        m = self._draw(batch_size, device, generator, dtype)
         if self.plus:
             if cos_target is None:
                 raise ValueError(f"{type(self).__name__}(plus=True) needs cos_target to sort its margins")
@@ -309,7 +316,9 @@ class AdaFace(Margin):
         super().__post_init__()
         _margin_range(self, "m", self.m, ADDITIVE_RANGE, "AdaFace's margin")
         _finite("h", self.h)
-        _require(self.h > 0, f"h must be > 0, got {self.h}")
+        # h = 0: the margin no longer adapts (every row m2 = 0, m3 = m), as the
+        # official config file's default trains it
+        _require(self.h >= 0, f"h must be >= 0, got {self.h}")
         _finite("momentum", self.momentum)
         _require(0 < self.momentum <= 1, f"momentum must be in (0, 1], got {self.momentum}")
 
@@ -334,11 +343,13 @@ class AdaFace(Margin):
         return new_mean.to(mean.dtype), new_std.to(std.dtype)
 
     def margins_from_norms(self, norms: Tensor, mean: Tensor | float, std: Tensor | float) -> RowMargins:
-        """The per-row (m1, m2, m3) for clipped norms and running statistics."""
-        r = ((norms - mean) / (std + self.STD_EPS) * self.h).clamp(-1.0, 1.0).float()
+        """The per-row (m1, m2, m3) for clipped norms and running statistics, in
+        the norms' dtype (float32, or float64 for float64 embeddings)."""
+        r = ((norms - mean) / (std + self.STD_EPS) * self.h).clamp(-1.0, 1.0).to(norms.dtype)
         return RowMargins(torch.ones_like(r), -self.m * r, self.m + self.m * r)
 
-    def row_margins(self, batch_size, *, device="cpu", cos_target=None, valid=None, generator=None):
+    def row_margins(self, batch_size, *, device="cpu", cos_target=None, valid=None, generator=None,
+                    dtype=torch.float32):
         raise ValueError("AdaFace's margins depend on the embedding norms and running statistics: use "
                          "margin_kernels.nn.AdaFace (which keeps them), or pass "
                          "margins=AdaFace().margins_from_norms(norms, mean, std) to margin_cross_entropy")
@@ -386,7 +397,8 @@ class MagFace(Margin):
         """lambda_g g(a) per row."""
         return self.lambda_g * (a / self.u_a**2 + 1.0 / a)
 
-    def row_margins(self, batch_size, *, device="cpu", cos_target=None, valid=None, generator=None):
+    def row_margins(self, batch_size, *, device="cpu", cos_target=None, valid=None, generator=None,
+                    dtype=torch.float32):
         raise ValueError("MagFace's margins are a function of the embedding norms: use margin_kernels.nn.MagFace, or "
                          "pass margins=MagFace().margins_from_magnitudes(MagFace().magnitudes(embeddings)) to "
                          "margin_cross_entropy (and add the regularizer yourself)")
@@ -431,13 +443,13 @@ class CurricularFace(Margin):
         return new_t.to(t.dtype)
 
     def hard_rule(self, cos_target: Tensor, sin_target: Tensor, t: Tensor, valid: Tensor) -> Tensor:
-        """The kernels' [2, B] float32: each row's threshold c_m = cos(theta + m)
-        = c cos m - sin(theta) sin m (+inf for ignored rows: nothing is hard
-        there), then t for every row."""
+        """[2, B] float64 (the kernels take it in float32): each row's threshold
+        c_m = cos(theta + m) = c cos m - sin(theta) sin m (+inf for ignored
+        rows: nothing is hard there), then t for every row."""
         c, sin = cos_target.double(), sin_target.double()
         threshold = c * math.cos(self.m) - sin * math.sin(self.m)
         threshold = torch.where(valid, threshold, torch.full_like(threshold, math.inf))
-        return torch.stack([threshold.float(), t.detach().float().expand_as(threshold)]).contiguous()
+        return torch.stack([threshold, t.detach().double().expand_as(threshold)]).contiguous()
 
 
 def target_logit(

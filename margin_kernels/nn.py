@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from . import margins as _margins
 from .backends import KernelOptions
 from .functional import draw_margins, kernel_options, margin_cross_entropy, target_cosines
-from ._checks import check_subcenters
+from ._checks import check_args, check_subcenters, check_values
+from ._state import check_loaded_layout, generators_kept_on_error, layout_state, state_dtype
 from .margins import Margin, RowMargins
 
 __all__ = [
@@ -82,34 +83,49 @@ class MarginSoftmaxLoss(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_classes * subcenters, embedding_size, device=device, dtype=dtype))
         self.last_margins = None
         self.reset_parameters()
+        self.register_load_state_dict_pre_hook(_check_loaded_layout)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, 0.0, 0.01)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        row_margins = draw_margins(
-            embeddings, self.weight, labels, self.margin, ignore_index=self.ignore_index, generator=self.generator,
-            subcenters=self.subcenters,
-        )
+        """The loss of a batch. A call that raises changes nothing: the
+        generator, ``last_margins`` and the margin's state stay as they were."""
+        check_args(embeddings, self.weight, labels, self.margin, self.reduction)
+        with generators_kept_on_error(self.generator):
+            row_margins = draw_margins(
+                embeddings, self.weight, labels, self.margin, ignore_index=self.ignore_index,
+                generator=self.generator, subcenters=self.subcenters,
+            )
+            loss = self._loss(embeddings, labels, row_margins)
         self.last_margins = row_margins
+        return loss
+
+    def _loss(self, embeddings: Tensor, labels: Tensor, row_margins: RowMargins | None, **kwargs) -> Tensor:
         return margin_cross_entropy(
-            embeddings,
-            self.weight,
-            labels,
-            self.margin,
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            backend=self.backend,
-            options=self.options,
-            margins=row_margins,
-            subcenters=self.subcenters,
+            embeddings, self.weight, labels, self.margin, reduction=self.reduction, ignore_index=self.ignore_index,
+            backend=self.backend, options=self.options, margins=row_margins, subcenters=self.subcenters, **kwargs,
         )
+
+    def _state_dtype(self) -> torch.dtype:
+        return state_dtype(self.weight.dtype)
+
+    def get_extra_state(self) -> dict:
+        """The layout a state_dict must match: sub-centers, margin family, its state."""
+        return layout_state(self.subcenters, self.margin, [name for name, _ in self.named_buffers(recurse=False)])
+
+    def set_extra_state(self, state: dict) -> None:
+        pass  # checked by _check_loaded_layout before anything was copied
 
     def extra_repr(self) -> str:
         c, d = self.weight.shape
         sub = f", subcenters={self.subcenters}" if self.subcenters > 1 else ""
         return (f"embedding_size={d}, num_classes={c // self.subcenters}{sub}, margin={self.margin}, "
                 f"backend={self.backend!r}")
+
+
+def _check_loaded_layout(module: MarginSoftmaxLoss, state_dict, prefix, *args) -> None:
+    check_loaded_layout("head", module.get_extra_state(), state_dict, prefix)
 
 
 def _named_head(spec: type[Margin]) -> type[MarginSoftmaxLoss]:
@@ -155,22 +171,26 @@ class AdaFace(MarginSoftmaxLoss):
                          if k in kwargs}
         spec = _margins.AdaFace(s, m, h, momentum, **margin_kwargs)
         super().__init__(embedding_size, num_classes, spec, **kwargs)
-        self.register_buffer("batch_mean", torch.tensor(spec.INITIAL_MEAN))
-        self.register_buffer("batch_std", torch.tensor(spec.INITIAL_STD))
+        factory = dict(device=self.weight.device, dtype=self._state_dtype())
+        self.register_buffer("batch_mean", torch.tensor(spec.INITIAL_MEAN, **factory))
+        self.register_buffer("batch_std", torch.tensor(spec.INITIAL_STD, **factory))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        check_args(embeddings, self.weight, labels, self.margin, self.reduction)
         spec: _margins.AdaFace = self.margin
-        norms = spec.clipped_norms(embeddings) if isinstance(embeddings, Tensor) and embeddings.dim() == 2 else None
-        if norms is not None and self.training and isinstance(labels, Tensor) and labels.shape == norms.shape:
+        norms = spec.clipped_norms(embeddings)
+        mean, std = self.batch_mean, self.batch_std
+        if self.training:  # the batch's statistics, kept only once its loss is computed
             with torch.no_grad():
-                mean, std = spec.updated_statistics(self.batch_mean, self.batch_std, norms, labels != self.ignore_index)
+                mean, std = spec.updated_statistics(mean, std, norms, labels != self.ignore_index)
+        row_margins = spec.margins_from_norms(norms, mean, std)
+        loss = self._loss(embeddings, labels, row_margins)
+        if self.training:
+            with torch.no_grad():
                 self.batch_mean.copy_(mean)
                 self.batch_std.copy_(std)
-        row_margins = spec.margins_from_norms(norms, self.batch_mean, self.batch_std) if norms is not None else None
         self.last_margins = row_margins
-        return margin_cross_entropy(embeddings, self.weight, labels, spec, reduction=self.reduction,
-                                    ignore_index=self.ignore_index, backend=self.backend, options=self.options,
-                                    margins=row_margins, subcenters=self.subcenters)
+        return loss
 
 
 class MagFace(MarginSoftmaxLoss):
@@ -192,13 +212,12 @@ class MagFace(MarginSoftmaxLoss):
         super().__init__(embedding_size, num_classes, spec, **kwargs)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        check_args(embeddings, self.weight, labels, self.margin, self.reduction)
         spec: _margins.MagFace = self.margin
-        a = spec.magnitudes(embeddings) if isinstance(embeddings, Tensor) and embeddings.dim() == 2 else None
-        row_margins = spec.margins_from_magnitudes(a) if a is not None else None
+        a = spec.magnitudes(embeddings)
+        row_margins = spec.margins_from_magnitudes(a)
+        loss = self._loss(embeddings, labels, row_margins)
         self.last_margins = row_margins
-        loss = margin_cross_entropy(embeddings, self.weight, labels, spec, reduction=self.reduction,
-                                    ignore_index=self.ignore_index, backend=self.backend, options=self.options,
-                                    margins=row_margins, subcenters=self.subcenters)
         valid = labels != self.ignore_index
         reg = torch.where(valid, spec.regularizer(a), torch.zeros_like(a))
         if self.reduction == "none":
@@ -228,19 +247,19 @@ class CurricularFace(MarginSoftmaxLoss):
                          if k in kwargs}
         spec = _margins.CurricularFace(s, m, momentum, **margin_kwargs)
         super().__init__(embedding_size, num_classes, spec, **kwargs)
-        self.register_buffer("t", torch.tensor(spec.INITIAL_T, device=self.weight.device))
+        self.register_buffer("t", torch.tensor(spec.INITIAL_T, device=self.weight.device, dtype=self._state_dtype()))
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        check_args(embeddings, self.weight, labels, self.margin, self.reduction)
         spec: _margins.CurricularFace = self.margin
         t = self.t
-        if self.training and isinstance(embeddings, Tensor) and isinstance(labels, Tensor) \
-                and embeddings.dim() == 2 and embeddings.shape[1] == self.weight.shape[1] \
-                and labels.shape == embeddings.shape[:1]:  # (anything else raises in the loss)
+        if self.training:  # the batch's t, kept only once its loss is computed
             cos_y = target_cosines(embeddings, self.weight, labels, self.ignore_index, self.subcenters)
             t = spec.updated_t(self.t, cos_y, labels != self.ignore_index)
-        loss = margin_cross_entropy(embeddings, self.weight, labels, spec, reduction=self.reduction,
-                                    ignore_index=self.ignore_index, backend=self.backend, options=self.options,
-                                    curriculum_t=t, subcenters=self.subcenters)
+            if t.device.type == "cpu" and not bool(torch.isfinite(t)):  # from a bad row: name it
+                check_values(embeddings, self.weight, labels, self.ignore_index,
+                             num_classes=self.weight.shape[0] // self.subcenters)
+        loss = self._loss(embeddings, labels, None, curriculum_t=t)
         if t is not self.t:
             with torch.no_grad():
                 self.t.copy_(t)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from . import _shard_io, backends
 from ._checks import FUSED_DTYPES, bad_values, check_batch, check_subcenters, check_values
 from ._shard_loss import ShardedLoss
+from ._state import EXTRA_STATE, check_loaded_layout, generators_kept_on_error, layout_state
 from ._sharding import Group, class_split
 from ._targets import geometry, prepare_targets, target_rows
 from .functional import kernel_options
@@ -233,8 +234,22 @@ class PartialFC(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """The mean loss over the global batch (the same on every rank). A step
+        that raises (on every rank, as collectives do) changes nothing: the
+        generator, the margin's state and ``last_sampled_index`` stay as they were."""
         group = self._group
         sizes = self._checked_sizes(embeddings, labels)
+        with generators_kept_on_error(self.generator):
+            loss, state, class_index = self._step(embeddings, labels, sizes)
+        with torch.no_grad():  # the margin's state after this batch, now that its loss exists
+            for name, value in state.items():
+                getattr(self, name).copy_(value)
+        self.last_sampled_index = class_index
+        return loss
+
+    def _step(self, embeddings: Tensor, labels: Tensor, sizes: list[int]) -> tuple[Tensor, dict, Tensor | None]:
+        """(loss, the margin's updated state by buffer name, the sampled index)."""
+        group = self._group
         x = _GatherRows.apply(embeddings, group, sizes)
         y = group.all_gather_rows(labels.long(), sizes)
         valid = y >= 0  # -1 and ignore_index-style negatives are ignored rows
@@ -244,6 +259,7 @@ class PartialFC(nn.Module):
         local = valid & (safe_y >= self.class_start) & (safe_y < self.class_start + self.num_local)
         rows_local = torch.where(local, safe_y - self.class_start, torch.full_like(y, -1))
 
+        state: dict[str, Tensor] = {}
         with torch.no_grad():
             # Each row's owner knows its target geometry (a gather of every row's
             # clamped class, masked: no host sync); cos and sin are summed over
@@ -257,14 +273,15 @@ class PartialFC(nn.Module):
             cos_sin = group.all_reduce(torch.stack([geo.cos, geo.sin]))
             geo = geo._replace(cos=cos_sin[0], sin=cos_sin[1])
             if isinstance(self.margin, AdaFace):
-                margins = self._adaface_margins(x, valid)
+                margins = self._adaface_margins(x, valid, state)
             elif not isinstance(self.margin, MagFace):
                 margins = self._row_margins(geo.cos.float(), valid)
             hard = None
             if isinstance(self.margin, CurricularFace):
+                t = self.t
                 if self.training:
-                    self.t.copy_(self.margin.updated_t(self.t, geo.cos.float(), valid))
-                hard = self.margin.hard_rule(geo.cos, geo.sin, self.t, valid)
+                    t = state["t"] = self.margin.updated_t(self.t, geo.cos.to(self.t.dtype), valid)
+                hard = self.margin.hard_rule(geo.cos, geo.sin, t, valid).float()
         magnitudes = None
         if isinstance(self.margin, MagFace):  # margins with their gradient, through the gathered embeddings
             magnitudes = self.margin.magnitudes(x)
@@ -277,7 +294,6 @@ class PartialFC(nn.Module):
             if self.subcenters > 1:  # each sampled class's rows
                 class_index = (class_index[:, None] * self.subcenters
                                + torch.arange(self.subcenters, device=class_index.device)).flatten()
-        self.last_sampled_index = class_index
         kernels = backends.load(backends.resolve(self.backend, x.device) if self.backend == "auto" else self.backend)
         loss, _ = ShardedLoss.apply(
             x_hat.contiguous(), self.weight, labels_local, *targets, valid, class_index, hard, target_subcenter,
@@ -290,7 +306,7 @@ class PartialFC(nn.Module):
             reg = torch.where(valid, self.margin.regularizer(magnitudes), torch.zeros_like(magnitudes)).sum()
             reg = reg / valid.sum().clamp_min(1)
             loss = loss + (reg / group.size + (reg - reg / group.size).detach()).to(loss.dtype)
-        return loss
+        return loss, state, class_index
 
     def _checked_sizes(self, embeddings: Tensor, labels: Tensor) -> list[int]:
         """Validate this rank's input, agree on it with every rank (so a bad input
@@ -330,15 +346,16 @@ class PartialFC(nn.Module):
             raise ValueError(f"PartialFC: invalid input on rank(s) {bad}{here}")
         return [row[0] for row in table]
 
-    def _adaface_margins(self, x: Tensor, valid: Tensor) -> RowMargins:
+    def _adaface_margins(self, x: Tensor, valid: Tensor, state: dict[str, Tensor]) -> RowMargins:
         """AdaFace's margins from the gathered batch: every rank sees the same
-        rows, so the statistics (updated in training) are global and equal."""
+        rows, so the statistics (updated in training, into ``state``) are
+        global and equal."""
         norms = self.margin.clipped_norms(x)
+        mean, std = self.batch_mean, self.batch_std
         if self.training:
-            mean, std = self.margin.updated_statistics(self.batch_mean, self.batch_std, norms, valid)
-            self.batch_mean.copy_(mean)
-            self.batch_std.copy_(std)
-        return self.margin.margins_from_norms(norms, self.batch_mean, self.batch_std)
+            mean, std = state["batch_mean"], state["batch_std"] = self.margin.updated_statistics(mean, std, norms,
+                                                                                                 valid)
+        return self.margin.margins_from_norms(norms, mean, std)
 
     def _row_margins(self, cos_y: Tensor, valid: Tensor) -> RowMargins:
         """The same per-row margins on every rank: rank 0 draws, then broadcasts."""
@@ -372,6 +389,14 @@ class PartialFC(nn.Module):
         for name, buf in self._buffers.items():  # the margin's state (AdaFace's statistics...), equal on every rank
             if buf is not None:
                 destination[prefix + name] = buf if keep_vars else buf.detach()
+        destination[prefix + EXTRA_STATE] = self.get_extra_state()
+
+    def get_extra_state(self) -> dict:
+        """The layout a checkpoint must match: sub-centers, margin family, its state."""
+        return layout_state(self.subcenters, self.margin, [name for name, _ in self.named_buffers(recurse=False)])
+
+    def set_extra_state(self, state: dict) -> None:
+        pass  # checked by _slice_full_weight before anything was copied
 
     def full_weight(self, dst: int = 0) -> Tensor | None:
         """The full [C, D] class matrix on rank ``dst`` (None elsewhere), in host
@@ -405,7 +430,9 @@ class PartialFC(nn.Module):
 
 
 def _slice_full_weight(module: PartialFC, state_dict, prefix, *args) -> None:
-    """load_state_dict pre-hook: take this rank's slice of the full class matrix."""
+    """load_state_dict pre-hook: check the layout, then take this rank's slice
+    of the full class matrix."""
+    check_loaded_layout("PartialFC", module.get_extra_state(), state_dict, prefix)
     key = prefix + "weight"
     if key in state_dict:
         full = state_dict[key]

@@ -71,7 +71,7 @@ def margin_cross_entropy(
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
     target_rows = safe_labels
     if subcenters > 1:  # B x C x K: the naive way
-        cos, nearest = cos.view(cos.shape[0], -1, subcenters).max(dim=2)
+        cos, nearest = cos.view(cos.shape[0], weight.shape[0] // subcenters, subcenters).max(dim=2)
         target_rows = safe_labels * subcenters + nearest.gather(1, safe_labels[:, None]).squeeze(1)
 
     target = _margin_target(cos.gather(1, safe_labels[:, None]).squeeze(1), x_hat, w_hat.index_select(0, target_rows),
@@ -199,7 +199,7 @@ def subcenter_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, subcen
     compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     x_hat = F.normalize(embeddings.to(compute), dim=1, eps=NORM_EPS)
     cos_k = x_hat @ F.normalize(weight.to(compute), dim=1, eps=NORM_EPS).t()
-    cos = cos_k.view(cos_k.shape[0], -1, subcenters).amax(dim=2)
+    cos = cos_k.view(cos_k.shape[0], weight.shape[0] // subcenters, subcenters).amax(dim=2)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     c_y = cos.gather(1, safe[:, None]).squeeze(1).clamp(-1.0, 1.0)

@@ -66,7 +66,7 @@ def test_a_reader_racing_saves_sees_one_whole_save(tmp_path):
         while not done.is_set():
             try:
                 pfc.load_sharded(path)
-            except ValueError as exc:  # only "missing after retries" would be acceptable under extreme churn
+            except ValueError as exc:
                 errors.append(str(exc))
                 continue
             values = pfc.weight.unique().tolist()
@@ -80,7 +80,7 @@ def test_a_reader_racing_saves_sees_one_whole_save(tmp_path):
         done.set()
         thread.join()
     assert loads and all(v in ([0.0], [1.0]) for v in loads), [v for v in loads if v not in ([0.0], [1.0])][:3]
-    assert len(errors) <= len(loads) // 4, errors[:3]
+    assert not errors, errors[:3]  # a load racing a save starts over from the new one (10 of 21 raised)
 
 
 def _damage_truncate(file):

@@ -178,7 +178,7 @@ def test_the_head_evolves_t_as_the_reference():
     with pytest.raises(ValueError, match="labels"):
         head(PROBLEMS[0][0], bad_labels)
     assert abs(head.t.item() - t.item()) < 1e-6
-    assert set(head.state_dict()) == {"weight", "t"}
+    assert set(head.state_dict()) == {"weight", "t", "_extra_state"}
 
 
 def test_a_batch_without_valid_rows_leaves_t_alone():
