@@ -469,8 +469,9 @@ def target_logit(
     up), use ``t = c - m2 sin(m2) - m3``, slope 1. For m1 = 1 this is ArcFace's
     ``th = cos(pi - m)``, ``mm = m sin m`` rule; for m1 != 1 we keep the same
     offset, so a pure multiplicative margin (m2 = 0) falls back to ``c - m3``.
-    ``easy_margin``: no margin where ``c <= 0``. ``detach_margin``: slope 1 (the
-    margin as a constant offset, as insightface and opensphere train).
+    ``easy_margin``: no margin where ``c <= 0``. ``detach_margin``: slope 1 and
+    ``t`` detached from the margins (the margin as a constant offset, as
+    insightface and opensphere train; MagFace's m(a) then passes no gradient).
     Rows with m1 = 1 and m2 = 0 skip the angle: ``t = c - m3`` exactly.
 
     ``sin_target`` (sin theta from the vectors, e.g. ||w_hat - c x_hat||) gives
@@ -507,6 +508,7 @@ def target_logit(
     if easy_margin:
         t = torch.where(c > 0, t, c)
         slope = torch.where(c > 0, slope, torch.ones_like(c))
-    if detach_margin:
+    if detach_margin:  # the margin a constant offset: slope 1, and no gradient to margins that carry one (MagFace)
         slope = torch.ones_like(c)
+        t = t.detach()
     return t, slope
