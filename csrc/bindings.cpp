@@ -72,6 +72,20 @@ void check_hard(const c10::optional<at::Tensor>& hard, const at::Tensor& x_hat) 
               "hard must be contiguous float32 on x_hat's device");
 }
 
+// The target columns' share of dW, when given: int64 [B] shard rows (-1 for
+// none) and float32 [B, D], both or neither.
+void check_target_dw(const c10::optional<at::Tensor>& target_rows, const c10::optional<at::Tensor>& target_dw,
+                     const at::Tensor& x_hat) {
+  TORCH_CHECK(target_rows.has_value() == target_dw.has_value(), "target_rows and target_dw go together");
+  if (!target_rows.has_value()) return;
+  check_vector("target_rows", *target_rows, x_hat.size(0), at::kLong, x_hat);
+  const at::Tensor& g = *target_dw;
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == x_hat.size(0) && g.size(1) == x_hat.size(1) &&
+                  g.scalar_type() == at::kFloat && g.is_contiguous() && g.device() == x_hat.device(),
+              "target_dw must be a contiguous float32 [B, D] matrix on x_hat's device, got shape ", g.sizes());
+  // (entries outside [0, rows) add nothing: add_target_rows masks them, without a host sync)
+}
+
 void check_rows(const at::Tensor& x_hat, std::initializer_list<std::pair<const char*, const at::Tensor*>> vs) {
   for (const auto& [name, t] : vs) check_vector(name, *t, x_hat.size(0), at::kFloat, x_hat);
 }
@@ -122,20 +136,24 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& lse, const at::Tensor& grad_rows,
     double scale, int64_t block_classes, const c10::optional<at::Tensor>& class_index,
-    const c10::optional<at::Tensor>& hard, int64_t subcenters, bool weight_grad) {
+    const c10::optional<at::Tensor>& hard, int64_t subcenters, bool weight_grad,
+    const c10::optional<at::Tensor>& target_rows, const c10::optional<at::Tensor>& target_dw) {
   check_layout(x_hat, weight, labels_local);
   const int64_t rows = checked_rows(weight, class_index, subcenters, x_hat);
   check_vector("w_inv", w_inv, rows, at::kFloat, x_hat);
   check_rows(x_hat, {{"lse", &lse}, {"grad_rows", &grad_rows}});
   check_hard(hard, x_hat);
+  check_target_dw(target_rows, target_dw, x_hat);
   TORCH_CHECK(block_classes >= 1, "block_classes must be >= 1, got ", block_classes);
 #ifdef MK_WITH_CUDA
   if (x_hat.is_cuda())
     return margin_kernels::cuda::lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, scale,
-                                              block_classes, class_index, hard, subcenters, weight_grad);
+                                              block_classes, class_index, hard, subcenters, weight_grad,
+                                              target_rows, target_dw);
 #endif
   return margin_kernels::lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, scale,
-                                      block_classes, class_index, hard, subcenters, weight_grad);
+                                      block_classes, class_index, hard, subcenters, weight_grad, target_rows,
+                                      target_dw);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
@@ -169,7 +187,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),
         py::arg("lse"), py::arg("grad_rows"), py::arg("scale"), py::arg("block_classes"),
         py::arg("class_index") = py::none(), py::arg("hard") = py::none(), py::arg("subcenters") = 1,
-        py::arg("weight_grad") = true);
+        py::arg("weight_grad") = true, py::arg("target_rows") = py::none(), py::arg("target_dw") = py::none());
   m.def("fused_forward_backward", &fused_forward_backward,
         "row-chunked single-shard sweep: (lse, dx_hat, dW) in three GEMMs",
         py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),

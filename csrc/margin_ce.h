@@ -33,14 +33,17 @@
                                                                                              \
   /* Recomputes each class block and returns (dx_hat float32 [B, D], dW [C, D] in            \
      weight's dtype), for row weights `grad_rows` and the global `lse`, without the          \
-     target columns' share (added by the caller, docs/DESIGN.md §1). Without                 \
-     `weight_grad` (a weight that needs no gradient) dW is [0, D] and its GEMM is            \
-     skipped. */                                                                             \
+     target columns' share of dx (added by the caller, docs/DESIGN.md §1). Their share       \
+     of dW, when given (`target_rows` int64 [B]: the shard row, -1 for none;                 \
+     `target_dw` float32 [B, D]), is added to the block's float32 dW before it is            \
+     rounded to the weight's dtype. Without `weight_grad` (a weight that needs no            \
+     gradient) dW is [0, D] and its GEMM is skipped. */                                      \
   std::tuple<at::Tensor, at::Tensor> lse_backward(                                           \
       const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,            \
       const at::Tensor& labels_local, const at::Tensor& lse, const at::Tensor& grad_rows,    \
       double scale, int64_t block_classes, const c10::optional<at::Tensor>& class_index,     \
-      const c10::optional<at::Tensor>& hard, int64_t subcenters, bool weight_grad);
+      const c10::optional<at::Tensor>& hard, int64_t subcenters, bool weight_grad,           \
+      const c10::optional<at::Tensor>& target_rows, const c10::optional<at::Tensor>& target_dw);
 
 namespace margin_kernels {
 

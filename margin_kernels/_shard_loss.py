@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._checks import bad_norm_rows, check_weight_norms, describe_bad_row, first_bad_weight_row
 from ._sharding import Group
-from ._targets import Targets, add_target_gradients, target_logit_grad
+from ._targets import Targets, add_target_gradients, target_logit_grad, target_share
 
 
 def shard_forward(kernels, x_hat: Tensor, weight: Tensor, labels_local: Tensor, targets: Targets, *, scale: float,
@@ -52,13 +52,16 @@ def shard_backward(kernels, x_hat: Tensor, weight: Tensor, w_inv: Tensor, labels
                    weight_grad: bool = True) -> tuple[Tensor, Tensor | None]:
     """(d/dx_hat, d/dW of this shard, None without ``weight_grad``) for per-row
     upstream gradients ``grad_rows`` (zero for ignored rows). The kernels leave
-    the target columns out; their exact gradient is added by ``_targets`` (to
-    the sub-center ``target_subcenter`` of each row's class, with sub-centers)."""
+    the target columns out; their exact gradient comes from ``_targets`` (to the
+    sub-center ``target_subcenter`` of each row's class, with sub-centers): the
+    dW share goes into the kernels' float32 blocks, the dx share is added here."""
+    share = target_share(targets, labels_local, lse, grad_rows, w_inv, subcenters, target_subcenter, weight_grad)
     dx_hat, dw = kernels.lse_backward(
         x_hat, weight, w_inv, labels_local, lse, grad_rows, scale=scale, options=options, class_index=class_index,
         hard=hard, subcenters=subcenters, weight_grad=weight_grad,
+        target_rows=None if share.dw is None else share.rows, target_dw=share.dw,
     )
-    add_target_gradients(dx_hat, dw, targets, labels_local, lse, grad_rows, w_inv, subcenters, target_subcenter)
+    add_target_gradients(dx_hat, None, targets, share)
     return dx_hat, dw
 
 
@@ -91,9 +94,10 @@ class SinglePassLoss(torch.autograd.Function):
             x_hat, weight, w_inv, labels_local, targets.logit, row_scale, scale=scale, options=options, hard=hard,
             subcenters=subcenters,
         )
-        add_target_gradients(dx_hat, dw, targets, labels_local, lse, row_scale, w_inv, subcenters, target_subcenter)
+        share = target_share(targets, labels_local, lse, row_scale, w_inv, subcenters, target_subcenter)
+        add_target_gradients(dx_hat, dw, targets, share)  # (float32 dW: no second rounding)
         loss = (row_scale * (lse - targets.logit)).sum()
-        d_logit = target_logit_grad(targets.logit, lse, labels_local >= 0, row_scale)
+        d_logit = share.d_logit
         ctx.save_for_backward(dx_hat, dw, d_logit)
         ctx.consumed = False
         ctx.mark_non_differentiable(lse)

@@ -100,23 +100,38 @@ def prepare_targets(geo: Geometry, margins: RowMargins, margin: Margin) -> Targe
 def target_logit_grad(logit: Tensor, lse: Tensor, own: Tensor, grad_rows: Tensor) -> Tensor:
     """d loss / d (target logit) per row: g_i (p_i - 1) where the row's target is
     here (``own``), 0 elsewhere; p_i = exp(s t_i - lse_i)."""
-    return torch.where(own, grad_rows * (torch.exp(logit - lse) - 1.0), torch.zeros_like(lse))
+    return torch.where(own, grad_rows.float() * (torch.exp(logit - lse) - 1.0), torch.zeros_like(lse))
 
 
-def add_target_gradients(dx_hat: Tensor, dw: Tensor | None, targets: Targets, labels_local: Tensor, lse: Tensor,
-                         grad_rows: Tensor, w_inv: Tensor, subcenters: int = 1,
-                         target_subcenter: Tensor | None = None) -> None:
-    """Add the target columns' share of the gradient, in place: row i (with a
-    target in this shard, ``labels_local[i] >= 0``) has dL/d(s t) =
-    g_i (p_i - 1), p_i = exp(s t_i - lse_i); d/dx_hat gets that times grad_x,
-    and the target's row of dW (row labels_local[i], or with sub-centers
-    labels_local[i] * K + target_subcenter[i]) gets it times grad_w / ||w||."""
+class TargetShare(NamedTuple):
+    """The target columns' share of the gradient in one shard."""
+
+    d_logit: Tensor  # d loss / d (s t) per row, 0 where the target is in another shard
+    rows: Tensor  # the target's weight row in this shard (its sub-center's with K > 1), -1 where none
+    dw: Tensor | None  # the rows' share of dW, float32 [B, D] (None without a weight gradient)
+
+
+def target_share(targets: Targets, labels_local: Tensor, lse: Tensor, grad_rows: Tensor, w_inv: Tensor,
+                 subcenters: int = 1, target_subcenter: Tensor | None = None, weight_grad: bool = True) -> TargetShare:
+    """Row i (with a target in this shard, ``labels_local[i] >= 0``) has
+    dL/d(s t) = g_i (p_i - 1); d/dx_hat gets that times grad_x, and the
+    target's row of dW (row labels_local[i], or labels_local[i] * K +
+    target_subcenter[i] with sub-centers) gets it times grad_w / ||w||. The
+    kernels take the dW share (``lse_backward(target_rows=, target_dw=)``) and
+    add it before their float32 block is rounded to the weight's dtype."""
     own = labels_local >= 0
-    p = torch.exp(targets.logit - lse)
-    a = torch.where(own, grad_rows.float() * (p - 1.0), torch.zeros_like(p))
-    dx_hat.add_(a[:, None] * targets.grad_x)
-    if dw is not None and dw.shape[0] > 0:
-        rows = labels_local.clamp_min(0)
-        if subcenters > 1:
-            rows = rows * subcenters + target_subcenter
-        dw.index_add_(0, rows, ((a * w_inv[rows])[:, None] * targets.grad_w).to(dw.dtype))
+    d_logit = target_logit_grad(targets.logit, lse, own, grad_rows)
+    rows = labels_local if subcenters == 1 else torch.where(own, labels_local * subcenters + target_subcenter,
+                                                           labels_local)
+    dw = None
+    if weight_grad:
+        scale = d_logit * w_inv[rows.clamp_min(0)] if w_inv.shape[0] > 0 else d_logit
+        dw = (scale[:, None] * targets.grad_w).contiguous()
+    return TargetShare(d_logit, rows.contiguous(), dw)
+
+
+def add_target_gradients(dx_hat: Tensor, dw: Tensor | None, targets: Targets, share: TargetShare) -> None:
+    """Add the target columns' share to dx_hat and, where given, to dW, in place."""
+    dx_hat.add_(share.d_logit[:, None] * targets.grad_x)
+    if dw is not None and dw.shape[0] > 0 and share.dw is not None:
+        dw.index_add_(0, share.rows.clamp_min(0), share.dw.to(dw.dtype))

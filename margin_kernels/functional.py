@@ -36,7 +36,7 @@ def draw_margins(
     """
     check_subcenters(subcenters, weight.shape[0])
     valid = labels != ignore_index
-    cos_y = target_cosines(embeddings, weight, labels, ignore_index, subcenters) if margin.needs_target_cosine else None
+    cos_y = _target_cosines(embeddings, weight, labels, valid, subcenters) if margin.needs_target_cosine else None
     return margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=cos_y, valid=valid,
                               generator=generator, dtype=state_dtype(embeddings.dtype))
 
@@ -48,8 +48,14 @@ def target_cosines(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_in
     (labels are clamped into range, the loss itself rejects bad ones); with
     sub-centers, the nearest one's."""
     valid = labels != ignore_index
+    return _target_cosines(embeddings, weight, labels, valid, subcenters).to(state_dtype(embeddings.dtype))
+
+
+def _target_cosines(embeddings: Tensor, weight: Tensor, labels: Tensor, valid: Tensor, subcenters: int) -> Tensor:
+    """target_cosines in float64 (what sorted elastic margins are ordered by:
+    the same order for every input dtype)."""
     rows, _ = _target_rows(embeddings, weight, labels, valid, subcenters)
-    return geometry(embeddings, weight.index_select(0, rows), mask=valid).cos.to(state_dtype(embeddings.dtype))
+    return geometry(embeddings, weight.index_select(0, rows), mask=valid).cos
 
 
 def _target_rows(embeddings: Tensor, weight: Tensor, labels: Tensor, valid: Tensor,
@@ -149,7 +155,7 @@ def margin_cross_entropy(
     hard = None if hard is None else hard.float()  # the kernels' dtype
     x_hat = F.normalize(embeddings.float(), dim=1, eps=NORM_EPS)
     if margins is None:  # as draw_margins, reusing the target cosines computed here
-        margins = margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=geo.cos.float(),
+        margins = margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=geo.cos,
                                      valid=valid, generator=generator)
     targets = prepare_targets(geo, margins, margin)
     kernels = backends.load(name)

@@ -255,7 +255,8 @@ def _sort_by_difficulty(m: Tensor, cos_target: Tensor, valid: Tensor | None) -> 
     """
     rows = torch.arange(m.numel(), device=m.device) if valid is None else valid.nonzero().squeeze(1)
     out = m.clone()
-    order = torch.argsort(cos_target[rows].detach(), descending=True)  # easiest row first
+    # easiest row first; ties (rows that round to the same cosine) in row order
+    order = torch.argsort(cos_target[rows].detach(), descending=True, stable=True)
     out[rows[order]] = torch.sort(m[rows]).values  # ... gets the smallest margin
     return out
 

@@ -275,7 +275,7 @@ class PartialFC(nn.Module):
             if isinstance(self.margin, AdaFace):
                 margins = self._adaface_margins(x, valid, state)
             elif not isinstance(self.margin, MagFace):
-                margins = self._row_margins(geo.cos.float(), valid)
+                margins = self._row_margins(geo.cos, valid)
             hard = None
             if isinstance(self.margin, CurricularFace):
                 t = self.t

@@ -2,10 +2,11 @@
 margin at the target column, cross-entropy. Autograd through everything.
 
 It is the correctness reference for every fused backend and the "naive" baseline
-of the benchmarks. It computes in float32 (float64 for float64 inputs) whatever
-the input dtype, and takes the target angle from the vectors (atan2 of the
-perpendicular part and the cosine), so its derivative is exact where cos rounds
-to +-1.
+of the benchmarks. It computes the B x C cosines in float32 (float64 for
+float64 inputs) whatever the input dtype, and each row's target column in
+float64 from the raw rows, taking the target angle from the vectors (atan2 of
+the perpendicular part and the cosine), so its value and derivative are exact
+where cos rounds to +-1.
 """
 from __future__ import annotations
 
@@ -64,8 +65,11 @@ def margin_cross_entropy(
     ``weight`` is [C*K, D], class c's sub-centers at rows c*K ... c*K + K - 1,
     and a class's cosine is the max over them (its gradient to the arg-max)."""
     compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
-    x_hat = F.normalize(embeddings.to(compute), dim=1, eps=NORM_EPS)
-    w_hat = F.normalize(weight.to(compute), dim=1, eps=NORM_EPS)
+    # One cast of each input, shared by both branches below: their gradients
+    # meet in `compute` and reach a bf16/fp16 input rounded once.
+    x, w = embeddings.to(compute), weight.to(compute)
+    x_hat = F.normalize(x, dim=1, eps=NORM_EPS)
+    w_hat = F.normalize(w, dim=1, eps=NORM_EPS)
     cos = x_hat @ w_hat.t()
     valid = labels != ignore_index
     safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
@@ -74,8 +78,14 @@ def margin_cross_entropy(
         cos, nearest = cos.view(cos.shape[0], weight.shape[0] // subcenters, subcenters).max(dim=2)
         target_rows = safe_labels * subcenters + nearest.gather(1, safe_labels[:, None]).squeeze(1)
 
-    target = _margin_target(cos.gather(1, safe_labels[:, None]).squeeze(1), x_hat, w_hat.index_select(0, target_rows),
-                            margins, overflow, easy_margin, detach_margin)
+    # The target column from float64 rows (B x D, cheap): in float32 the
+    # tangent part w_hat - c x_hat of a (near-)parallel or antiparallel target
+    # is a difference of nearly equal vectors, and its norm (sin theta) and
+    # gradient come out wrong by up to ~1%.
+    x_64 = F.normalize(x.double(), dim=1, eps=NORM_EPS)
+    w_64 = F.normalize(w.index_select(0, target_rows).double(), dim=1, eps=NORM_EPS)
+    target = _margin_target((x_64 * w_64).sum(1), x_64, w_64, margins, overflow, easy_margin, detach_margin)
+    target = target.to(compute)
     if hard is not None:
         threshold, t = (v.detach().to(compute)[:, None] for v in hard)
         cos = torch.where(cos > threshold, cos * (t + cos), cos)

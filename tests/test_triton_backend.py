@@ -128,10 +128,11 @@ def test_index_gather_reads_and_writes_only_the_sampled_rows():
     # ... and, with the target columns' share added as the pipeline adds it,
     # against the reference on the sampled classes.
     from margin_kernels import reference
-    from margin_kernels._targets import add_target_gradients, geometry, prepare_targets
+    from margin_kernels._targets import add_target_gradients, geometry, prepare_targets, target_share
 
-    targets = prepare_targets(geometry(x, w_sub[labels_local]), mk.ArcFace().row_margins(b), mk.ArcFace())
-    add_target_gradients(dx, dw, targets_on(targets, DEVICE), dev(labels_local), lse, dev(g), w_inv)
+    targets = targets_on(prepare_targets(geometry(x, w_sub[labels_local]), mk.ArcFace().row_margins(b),
+                                         mk.ArcFace()), DEVICE)
+    add_target_gradients(dx, dw, targets, target_share(targets, dev(labels_local), lse, dev(g), w_inv))
 
     xr = x.clone().requires_grad_(True)
     wr = w_sub.clone().requires_grad_(True)

@@ -25,10 +25,6 @@ Tensor float_block(const Tensor& weight, const c10::optional<Tensor>& class_inde
   return block.scalar_type() == at::kFloat ? block : block.to(at::kFloat);
 }
 
-// Replacing the target column can lower a row's max; a stale max is a valid
-// shift for logsumexp unless it overshoots so far that every exp underflows.
-constexpr float kMaxShiftSlack = 30.0f;
-
 // CurricularFace's hard negatives per row (the `hard` [2, B] tensor: thresholds,
 // then t); off when the call has none.
 struct HardRows {
@@ -45,7 +41,7 @@ struct HardRows {
 
 struct ZRow {
   int64_t target_col;  // inside this block, or -1
-  float max;           // a shift >= the row's max, within kMaxShiftSlack of it
+  float max;           // the row's max, exactly
 };
 
 // Logits row i -> z = s * cos (hard negatives modulated) with the target column
@@ -58,9 +54,12 @@ ZRow logits_to_z(float* row, const float* inv, int64_t n, float scale,
   if (label < 0 || t < 0 || t >= n) return {-1, mx};
   const float replaced = row[t];
   row[t] = target;
+  // The exact max, also where the margin lowered the column that held it: a
+  // row whose target dominates then has exp(0) = 1 exactly in its sum, so a
+  // one-class (or fully confident) row has loss and gradient exactly 0.
   if (target >= mx) {
     mx = target;
-  } else if (replaced >= mx && mx - target > kMaxShiftSlack) {
+  } else if (replaced >= mx) {
     mx = cpu::row_max(row, n);
   }
   return {t, mx};
@@ -186,7 +185,7 @@ std::tuple<Tensor, Tensor> lse_backward(
     const Tensor& labels_local, const Tensor& lse, const Tensor& grad_rows,
     double scale, int64_t block_classes,
     const c10::optional<Tensor>& class_index, const c10::optional<Tensor>& hard, int64_t subcenters,
-    bool weight_grad) {
+    bool weight_grad, const c10::optional<Tensor>& target_rows, const c10::optional<Tensor>& target_dw) {
   const int64_t S = subcenters;
   const int64_t B = x_hat.size(0), rows = shard_rows(weight, class_index), C = rows / S, D = weight.size(1);
   const int64_t K = std::min(std::max<int64_t>(block_classes, 1), std::max<int64_t>(C, 1));
@@ -238,6 +237,7 @@ std::tuple<Tensor, Tensor> lse_backward(
     // (w_blk is a float32 copy for gathered or low-precision blocks, a view otherwise)
     gemm_into(dw_blk, e.t(), x_hat);
     project_rows(dw_blk, w_blk, inv + r0w);
+    add_target_rows(dw_blk, r0w, nw, target_rows, target_dw);  // (already tangent: after the projection)
     if (!float_weight) dw.narrow(0, r0w, nw).copy_(dw_blk);
   }
   return {dx_hat, dw};

@@ -86,7 +86,8 @@ std::tuple<Tensor, Tensor> lse_backward(const Tensor& x_hat, const Tensor& weigh
                                         double scale, int64_t block_classes,
                                         const c10::optional<Tensor>& class_index,
                                         const c10::optional<Tensor>& hard, int64_t subcenters,
-                                        bool weight_grad) {
+                                        bool weight_grad, const c10::optional<Tensor>& target_rows,
+                                        const c10::optional<Tensor>& target_dw) {
   const c10::cuda::CUDAGuard guard(x_hat.device());
   const int64_t S = subcenters;
   const int64_t B = x_hat.size(0), D = weight.size(1);
@@ -126,6 +127,8 @@ std::tuple<Tensor, Tensor> lse_backward(const Tensor& x_hat, const Tensor& weigh
     } else {
       at::mm_out(g, dz.t(), x_op, at::kFloat);
     }
+    // (the target share is tangent: the projection keeps it, and it is rounded once with the rest)
+    add_target_rows(g, r0w, nw, target_rows, target_dw);
     Tensor dw_blk = dw.narrow(0, r0w, nw);
     check(mk_project_rows(g.data_ptr<float>(), w_blk.data_ptr(), mk_type(wt), nw, D, w_blk.stride(0),
                           w_inv.data_ptr<float>() + r0w, dw_blk.data_ptr(), mk_type(wt), stream()),

@@ -6,7 +6,8 @@ csrc/bindings.cpp and, upper-cased, in the Triton kernels):
     lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, options,
                 class_index=None, hard=None, subcenters=1) -> lse [B]
     lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, options,
-                 class_index=None, hard=None, subcenters=1, weight_grad=True)
+                 class_index=None, hard=None, subcenters=1, weight_grad=True,
+                 target_rows=None, target_dw=None)
         -> (dx_hat [B, D] float32, dW [C, D] in weight's dtype, or None without weight_grad)
 
 and the single-shard shortcut, where ``supports_fused`` says it has one:
@@ -16,7 +17,10 @@ and the single-shard shortcut, where ``supports_fused`` says it has one:
     fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows, *,
                            scale, options, hard=None, subcenters=1) -> (lse, dx_hat, dW)
 
-The backwards leave out the target columns (the caller adds their exact share);
+The backwards leave out the target columns (the caller adds their exact share
+to dx; lse_backward adds their dW share, ``target_dw`` float32 [B, D] to shard
+rows ``target_rows`` int64 [B] (-1: none), to its float32 accumulator before
+rounding to the weight's dtype);
 ``hard`` is CurricularFace's hard negatives, float32 [2, B] (thresholds, t).
 ``subcenters`` (K): each class is K consecutive weight rows (of ``weight``, or
 of ``class_index``), its cosine the max over them; w_inv and dW count rows,

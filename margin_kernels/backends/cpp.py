@@ -76,12 +76,13 @@ def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, opti
 
 
 def lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, options, class_index=None, hard=None,
-                 subcenters=1, weight_grad=True):
+                 subcenters=1, weight_grad=True, target_rows=None, target_dw=None):
     _check_device(x_hat)
     k = block_classes(x_hat.shape[0], x_hat.shape[1], _copies_rows(weight, class_index), options.workspace_bytes,
                       subcenters)
     dx, dw = _C.lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows.float().contiguous(), float(scale), k,
-                             class_index, hard, subcenters, weight_grad)
+                             class_index, hard, subcenters, weight_grad, target_rows,
+                             None if target_dw is None else target_dw.float().contiguous())
     return dx, dw if weight_grad else None
 
 

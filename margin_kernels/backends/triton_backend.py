@@ -183,11 +183,22 @@ def chunk_classes(c: int, d: int, weight_dtype: torch.dtype, workspace_bytes: in
     return max(256, workspace_bytes // (4 * max(d, 1)))
 
 
+def add_target_rows(acc: Tensor, start: int, n: int, target_rows: Tensor | None, target_dw: Tensor | None) -> None:
+    """Add the target columns' dW share of the rows [start, start + n) into
+    the fp32 accumulator ``acc`` (before it is projected and rounded); rows
+    outside add zeros, so there is no host sync."""
+    if target_rows is None or target_rows.numel() == 0:
+        return
+    local = target_rows - start
+    inside = ((local >= 0) & (local < n)).float()[:, None]
+    acc.index_add_(0, local.clamp(0, n - 1), target_dw.float() * inside)
+
+
 def lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, options, class_index=None, hard=None,
-                 subcenters=1, weight_grad=True):
+                 subcenters=1, weight_grad=True, target_rows=None, target_dw=None):
     """(dx_hat fp32 [B, D], dW in weight's dtype with a row per row the shard
     reads (C, the index's length, times the sub-centers), or None without
-    ``weight_grad``), by ``options.triton_backward``: "atomic" (one kernel,
+    ``weight_grad``; ``target_dw`` added to rows ``target_rows`` in fp32), by ``options.triton_backward``: "atomic" (one kernel,
     fp32 atomics into dx and dW) or "split" (a dW kernel without atomics and a
     dx kernel, each recomputing the logits). Which wins is a matter of atomic
     throughput against 2 B D C more FLOPs."""
@@ -240,6 +251,7 @@ def lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, o
                                                                                    SUBCENTERS=S, WITH_DW=True)
             else:
                 K.lse_backward_dw_kernel[lambda meta: dw_grid(c1 - c0, d, meta)](*args, acc, *sizes, **flags)
+            add_target_rows(acc, r0, r1 - r0, target_rows, target_dw)  # (tangent: the projection keeps it)
             # dW = acc projected off w; in place for fp32, cast into dW otherwise
             K.project_rows_kernel[project_grid(r1 - r0)](
                 acc, w_part, inv_part, _index_arg(w_part, index_part), dw[r0:r1], r1 - r0, d, weight.stride(0),
