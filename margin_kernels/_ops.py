@@ -120,7 +120,13 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, w_inv)
 
 
+DOUBLE_BACKWARD = ("margin_cross_entropy: double backward (create_graph=True) through a fused backend is not "
+                   "supported. Use backend='reference' for higher-order gradients.")
+
+
 def _backward(ctx, grad_loss, grad_lse, grad_w_inv):
+    if torch.is_grad_enabled():  # create_graph=True: the backward op has no derivative of its own
+        raise RuntimeError(DOUBLE_BACKWARD)
     x_hat, weight, w_inv, labels, target_logit, grad_x, grad_w, hard, target_subcenter, lse = ctx.saved_tensors
     weight_grad = ctx.needs_input_grad[1]
     dx_hat, dw = margin_ce_rows_backward(grad_loss, x_hat, weight, w_inv, labels, target_logit, grad_x, grad_w, hard,

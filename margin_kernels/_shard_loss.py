@@ -107,8 +107,8 @@ class SinglePassLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse):
         if torch.is_grad_enabled():  # create_graph=True: the gradients are constants here, a 2nd derivative would be wrong
             raise RuntimeError(
-                "margin_cross_entropy: double backward (create_graph=True) through the fused single-pass path is "
-                "not supported. Use backend='reference' for higher-order gradients."
+                "margin_cross_entropy: double backward (create_graph=True) through a fused backend (its single-pass "
+                "path) is not supported. Use backend='reference' for higher-order gradients."
             )
         if ctx.consumed:
             raise RuntimeError(
@@ -141,6 +141,9 @@ class ShardedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
+        if torch.is_grad_enabled():  # create_graph=True: these gradients are not differentiable
+            raise RuntimeError("PartialFC: double backward (create_graph=True) through a fused backend is not "
+                               "supported")
         x_hat, weight, w_inv, labels_local, lse, valid, class_index, hard, target_subcenter, *target_parts = \
             ctx.saved_tensors
         targets = Targets(*target_parts)

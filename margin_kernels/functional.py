@@ -136,23 +136,17 @@ def margin_cross_entropy(
     if margins is not None:
         margins = check_margins(margins, labels.shape[0], embeddings.device)
 
-    valid = labels != ignore_index
-    w_rows, target_subcenter = _target_rows(embeddings, weight, labels, valid, subcenters)
-    geo = geometry(embeddings, weight.index_select(0, w_rows))
-    hard = None if curriculum_t is None else margin.hard_rule(geo.cos, geo.sin, curriculum_t, valid)
-
-    if name == "reference":
-        flags = dict(overflow=margin.overflow, easy_margin=margin.easy_margin, detach_margin=margin.detach_margin)
-        if margins is None:
-            margins = draw_margins(embeddings, weight, labels, margin, ignore_index=ignore_index, generator=generator,
-                                   subcenters=subcenters)
+    if name == "reference":  # the oracle: from the raw inputs and the spec's numbers, on its own
         loss, lse = reference.margin_cross_entropy(
-            embeddings, weight, labels, margins, s=margin.s, reduction=reduction, ignore_index=ignore_index,
-            hard=hard, subcenters=subcenters, **flags
+            embeddings, weight, labels, margin, reduction=reduction, ignore_index=ignore_index, margins=margins,
+            generator=generator, curriculum_t=curriculum_t, subcenters=subcenters,
         )
         return (loss, lse) if return_lse else loss
 
-    hard = None if hard is None else hard.float()  # the kernels' dtype
+    valid = labels != ignore_index
+    w_rows, target_subcenter = _target_rows(embeddings, weight, labels, valid, subcenters)
+    geo = geometry(embeddings, weight.index_select(0, w_rows))
+    hard = None if curriculum_t is None else margin.hard_rule(geo.cos, geo.sin, curriculum_t, valid).float()
     x_hat = F.normalize(embeddings.float(), dim=1, eps=NORM_EPS)
     if margins is None:  # as draw_margins, reusing the target cosines computed here
         margins = margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=geo.cos,

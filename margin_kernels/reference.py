@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .margins import CLIP_EPS, NORM_EPS, RowMargins
+from .margins import (CLIP_EPS, NORM_EPS, AdaFace, ArcFace, CombinedMargin, CosFace, CurricularFace, ElasticArcFace,
+                      ElasticCosFace, MagFace, Margin, NormSoftmax, RowMargins, SphereFace)
 
 
 def _margin_target(c: Tensor, x_hat: Tensor, w_hat_y: Tensor, margins: RowMargins, overflow: str,
@@ -48,22 +49,27 @@ def margin_cross_entropy(
     embeddings: Tensor,
     weight: Tensor,
     labels: Tensor,
-    margins: RowMargins,
+    margin: Margin,
     *,
-    s: float,
-    overflow: str = "classic",
-    easy_margin: bool = False,
-    detach_margin: bool = False,
     reduction: str = "mean",
     ignore_index: int = -100,
-    hard: Tensor | None = None,
+    margins: RowMargins | None = None,
+    generator: torch.Generator | None = None,
+    curriculum_t: Tensor | float | None = None,
     subcenters: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Loss (reduced as asked) and per-row logsumexp, the naive way. ``hard``
-    ([2, B]: thresholds, t): a non-target cosine above its row's threshold
-    counts as c (t + c), t a constant (CurricularFace). ``subcenters`` (K):
+    """Loss (reduced as asked) and per-row logsumexp, the naive way, from the
+    raw inputs and the spec's numbers alone: nothing here is computed by the
+    code it judges.
+
+    ``margins``: per-row (m1, m2, m3) given by the caller (AdaFace's and
+    MagFace's, or a replayed step); otherwise the spec's fixed triple, or
+    elastic draws from ``generator`` (sorted here for ``plus``).
+    ``curriculum_t``: CurricularFace's t; a non-target cosine above its row's
+    cos(theta_y + m) counts as c (t + c), t a constant. ``subcenters`` (K):
     ``weight`` is [C*K, D], class c's sub-centers at rows c*K ... c*K + K - 1,
-    and a class's cosine is the max over them (its gradient to the arg-max)."""
+    and a class's cosine is the max over them (its gradient to the arg-max, the
+    first of ties)."""
     compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     # One cast of each input, shared by both branches below: their gradients
     # meet in `compute` and reach a bf16/fp16 input rounded once.
@@ -84,17 +90,69 @@ def margin_cross_entropy(
     # gradient come out wrong by up to ~1%.
     x_64 = F.normalize(x.double(), dim=1, eps=NORM_EPS)
     w_64 = F.normalize(w.index_select(0, target_rows).double(), dim=1, eps=NORM_EPS)
-    target = _margin_target((x_64 * w_64).sum(1), x_64, w_64, margins, overflow, easy_margin, detach_margin)
+    c_64 = (x_64 * w_64).sum(1)
+    if margins is None:
+        margins = _spec_margins(margin, c_64.detach(), valid, generator)
+    target = _margin_target(c_64, x_64, w_64, margins, margin.overflow, margin.easy_margin, margin.detach_margin)
     target = target.to(compute)
-    if hard is not None:
-        threshold, t = (v.detach().to(compute)[:, None] for v in hard)
-        cos = torch.where(cos > threshold, cos * (t + cos), cos)
+    if isinstance(margin, CurricularFace):
+        if curriculum_t is None:
+            raise ValueError("the reference needs CurricularFace's t (curriculum_t)")
+        with torch.no_grad():  # the threshold cos(theta_y + m) = c cos m - sin(theta_y) sin m
+            c = c_64.clamp(-1.0, 1.0)
+            sin = torch.linalg.vector_norm(w_64 - c[:, None] * x_64, dim=1)
+            threshold = torch.where(valid, c * math.cos(margin.m) - sin * math.sin(margin.m), math.inf)
+        t = torch.as_tensor(curriculum_t, dtype=torch.float64).detach().to(compute)
+        cos = torch.where(cos > threshold.to(compute)[:, None], cos * (t + cos), cos)
     onehot = F.one_hot(safe_labels, cos.shape[1]).bool() & valid[:, None]
-    logits = torch.where(onehot, (s * target)[:, None], s * cos)
+    logits = torch.where(onehot, (margin.s * target)[:, None], margin.s * cos)
 
     lse = torch.logsumexp(logits, dim=1)
-    rows = torch.where(valid, lse - s * target, torch.zeros_like(lse))
+    rows = torch.where(valid, lse - margin.s * target, torch.zeros_like(lse))
     return reduce_rows(rows, valid, reduction), lse.detach()
+
+
+def _spec_margins(margin: Margin, cos_target: Tensor, valid: Tensor, generator: torch.Generator | None) -> RowMargins:
+    """Per-row (m1, m2, m3) from the spec's numbers, float64: its fixed triple,
+    or elastic draws (float32 values: N(m, std) from ``generator``), sorted
+    for ``plus`` so that the valid row with the lowest target cosine gets the
+    largest margin (ties in row order)."""
+    b, device = cos_target.shape[0], cos_target.device
+    full = lambda v: torch.full((b,), float(v), dtype=torch.float64, device=device)  # noqa: E731
+    if isinstance(margin, (ElasticArcFace, ElasticCosFace)):
+        if margin.std == 0:
+            m = full(margin.m)
+        else:
+            mean = torch.full((b,), float(margin.m), dtype=torch.float32, device=device)
+            m = torch.normal(mean, float(margin.std), generator=generator).double()
+        if margin.plus:
+            rows = valid.nonzero().squeeze(1)
+            order = torch.sort(cos_target[rows], descending=True, stable=True).indices
+            m = m.clone()
+            m[rows[order]] = torch.sort(m[rows]).values
+        zero, one = torch.zeros_like(m), torch.ones_like(m)
+        return RowMargins(one, m, zero) if isinstance(margin, ElasticArcFace) else RowMargins(one, zero, m)
+    if isinstance(margin, (AdaFace, MagFace)):
+        raise ValueError(f"the reference takes {type(margin).__name__}'s margins as margins= (they depend on the "
+                         "embedding norms)")
+    if isinstance(margin, CombinedMargin):
+        m1, m2, m3 = margin.m1, margin.m2, margin.m3
+    elif isinstance(margin, SphereFace):
+        m1, m2, m3 = margin.m, 0.0, 0.0
+    elif isinstance(margin, CosFace):
+        m1, m2, m3 = 1.0, 0.0, margin.m
+    elif isinstance(margin, (ArcFace, CurricularFace)):
+        m1, m2, m3 = 1.0, margin.m, 0.0
+    elif isinstance(margin, NormSoftmax):
+        m1, m2, m3 = 1.0, 0.0, 0.0
+    else:
+        raise TypeError(f"the reference does not know the margin {type(margin).__name__}")
+    return RowMargins(full(m1), full(m2), full(m3))
+
+
+def _class_cosines(cos: Tensor, subcenters: int) -> Tensor:
+    """B x (C*K) cosines to B x C: each class's max over its K sub-centers."""
+    return cos if subcenters == 1 else cos.view(cos.shape[0], cos.shape[1] // subcenters, subcenters).amax(dim=2)
 
 
 def reduce_rows(rows: Tensor, valid: Tensor, reduction: str) -> Tensor:
@@ -121,15 +179,15 @@ def adaface_statistics(mean: Tensor, std: Tensor, norms: Tensor, momentum: float
 
 def adaface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, mean: Tensor, std: Tensor, *, s: float = 64.0,
                  m: float = 0.4, h: float = 0.333, reduction: str = "mean", ignore_index: int = -100,
-                 norms: Tensor | None = None) -> Tensor:
+                 norms: Tensor | None = None, subcenters: int = 1) -> Tensor:
     """AdaFace written from the paper and its official head, the naive way: the
-    full B x C cosines, the target angle by arccos, feature-quality margins from
-    the detached, clipped norms (``norms``, by default those of ``embeddings``)
-    and the given statistics."""
+    full B x C cosines (the max over K sub-centers with ``subcenters``), the
+    target angle by arccos, feature-quality margins from the detached, clipped
+    norms (``norms``, by default those of ``embeddings``) and the given statistics."""
     compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     x = embeddings.to(compute)
     w_hat = F.normalize(weight.to(compute), dim=1, eps=NORM_EPS)
-    cos = F.normalize(x, dim=1, eps=NORM_EPS) @ w_hat.t()
+    cos = _class_cosines(F.normalize(x, dim=1, eps=NORM_EPS) @ w_hat.t(), subcenters)
     if norms is None:
         norms = torch.linalg.vector_norm(x.detach(), dim=1).clamp(0.001, 100.0)
     r = ((norms - mean) / (std + 1e-3) * h).clamp(-1.0, 1.0)
@@ -138,7 +196,7 @@ def adaface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, mean: Tenso
     c_y = cos.gather(1, safe[:, None]).squeeze(1).clamp(-1.0, 1.0)
     theta = torch.clip(torch.acos(c_y) - m * r, CLIP_EPS, math.pi - CLIP_EPS)
     target = torch.cos(theta) - (m + m * r)
-    onehot = F.one_hot(safe, weight.shape[0]).bool() & valid[:, None]
+    onehot = F.one_hot(safe, cos.shape[1]).bool() & valid[:, None]
     logits = torch.where(onehot, (s * target)[:, None], s * cos)
     rows = torch.where(valid, torch.logsumexp(logits, dim=1) - s * target, torch.zeros_like(target))
     return reduce_rows(rows, valid, reduction)
@@ -146,13 +204,16 @@ def adaface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, mean: Tenso
 
 def magface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = 64.0, l_a: float = 10.0,
                  u_a: float = 110.0, l_m: float = 0.45, u_m: float = 0.8, lambda_g: float = 35.0,
-                 easy_margin: bool = True, reduction: str = "mean", ignore_index: int = -100) -> Tensor:
-    """MagFace written from the paper, the naive way: the full B x C cosines, the
-    target angle by arccos, m(a) linear in the clamped magnitude a (with its
-    gradient), the easy margin or the classic rule, plus lambda_g (a / u_a^2 + 1 / a)."""
+                 easy_margin: bool = True, reduction: str = "mean", ignore_index: int = -100,
+                 subcenters: int = 1) -> Tensor:
+    """MagFace written from the paper, the naive way: the full B x C cosines (the
+    max over K sub-centers with ``subcenters``), the target angle by arccos,
+    m(a) linear in the clamped magnitude a (with its gradient), the easy margin
+    or the classic rule, plus lambda_g (a / u_a^2 + 1 / a)."""
     compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     x = embeddings.to(compute)
     cos = F.normalize(x, dim=1, eps=NORM_EPS) @ F.normalize(weight.to(compute), dim=1, eps=NORM_EPS).t()
+    cos = _class_cosines(cos, subcenters)
     a = torch.linalg.vector_norm(x, dim=1).clamp(l_a, u_a)
     m = (u_m - l_m) / (u_a - l_a) * (a - l_a) + l_m
     valid = labels != ignore_index
@@ -163,7 +224,7 @@ def magface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
         target = torch.where(c > 0, margined, c)
     else:
         target = torch.where(torch.acos(c) + m < math.pi, margined, c - m * torch.sin(m))
-    onehot = F.one_hot(safe, weight.shape[0]).bool() & valid[:, None]
+    onehot = F.one_hot(safe, cos.shape[1]).bool() & valid[:, None]
     logits = torch.where(onehot, (s * target)[:, None], s * cos)
     ce = torch.logsumexp(logits, dim=1) - s * target
     rows = torch.where(valid, ce + lambda_g * (a / u_a**2 + 1.0 / a), torch.zeros_like(ce))
@@ -172,16 +233,17 @@ def magface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float
 
 def curricularface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, t: Tensor, *, s: float = 64.0,
                         m: float = 0.5, momentum: float = 0.01, reduction: str = "mean",
-                        ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+                        ignore_index: int = -100, subcenters: int = 1) -> tuple[Tensor, Tensor]:
     """CurricularFace written from the paper and its official head, the naive
     way; returns (loss, the updated t). The full B x C cosines (clamped to
     [-1, 1]); the target's cos(theta + m) by the plain formula c cos m - sin
     sin m, with the classic rule (c - m sin m where theta + m > pi); hard
     negatives, cos > cos(theta_y + m), become cos (t + cos) with t detached and
-    updated first: t <- momentum mean(valid target cosines) + (1 - momentum) t."""
+    updated first: t <- momentum mean(valid target cosines) + (1 - momentum) t.
+    ``subcenters``: each class's cosine the max over its K sub-centers."""
     compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     x_hat = F.normalize(embeddings.to(compute), dim=1, eps=NORM_EPS)
-    cos = (x_hat @ F.normalize(weight.to(compute), dim=1, eps=NORM_EPS).t()).clamp(-1.0, 1.0)
+    cos = _class_cosines(x_hat @ F.normalize(weight.to(compute), dim=1, eps=NORM_EPS).t(), subcenters).clamp(-1.0, 1.0)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     c_y = cos.gather(1, safe[:, None])
@@ -193,7 +255,7 @@ def curricularface_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, t: T
         if valid.any():
             t = c_y[valid].mean() * momentum + (1 - momentum) * t.to(compute)
     logits = torch.where(hard, cos * (t.to(compute) + cos), cos)
-    onehot = F.one_hot(safe, weight.shape[0]).bool() & valid[:, None]
+    onehot = F.one_hot(safe, cos.shape[1]).bool() & valid[:, None]
     logits = s * torch.where(onehot, final, logits)
     rows = torch.where(valid, torch.logsumexp(logits, dim=1) - s * final.squeeze(1), torch.zeros_like(c_y.squeeze(1)))
     return reduce_rows(rows, valid, reduction), t
@@ -208,8 +270,7 @@ def subcenter_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, subcen
     with the classic rule (c - m sin m where theta + m > pi)."""
     compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     x_hat = F.normalize(embeddings.to(compute), dim=1, eps=NORM_EPS)
-    cos_k = x_hat @ F.normalize(weight.to(compute), dim=1, eps=NORM_EPS).t()
-    cos = cos_k.view(cos_k.shape[0], weight.shape[0] // subcenters, subcenters).amax(dim=2)
+    cos = _class_cosines(x_hat @ F.normalize(weight.to(compute), dim=1, eps=NORM_EPS).t(), subcenters)
     valid = labels != ignore_index
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
     c_y = cos.gather(1, safe[:, None]).squeeze(1).clamp(-1.0, 1.0)

@@ -292,3 +292,28 @@ def test_every_malformed_meta_is_a_value_error_naming_it(tmp_path, content):
     with pytest.raises(ValueError, match="meta.pt"):
         target.load_sharded(path)
     assert torch.all(target.weight == 7.0)
+
+
+def _save_two_shards(rank, world, path):
+    pfc = pfc_of(mk.ArcFace(), 1.0 + rank)
+    pfc.save_sharded(path)
+    return None
+
+
+@pytest.mark.slow
+def test_a_failed_load_of_several_shards_changes_nothing(tmp_path):
+    """A world-2 save loaded on one process whose second shard is damaged: the
+    first shard was read, yet nothing of it (nor of the optimizer) lands."""
+    from _dist import run_ranks
+
+    path = str(tmp_path / "ck")
+    run_ranks(_save_two_shards, 2, path, outdir=str(tmp_path))
+    shards = sorted(f for f in os.listdir(path) if f.startswith("classes_"))
+    assert len(shards) == 2
+    data = bytearray(open(os.path.join(path, shards[1]), "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(os.path.join(path, shards[1]), "wb").write(bytes(data))
+    target = pfc_of(mk.ArcFace(), 7.0)
+    with pytest.raises(ValueError, match=f"{shards[1]}: sha256 does not match"):
+        target.load_sharded(path)
+    assert torch.all(target.weight == 7.0)

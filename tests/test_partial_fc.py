@@ -55,6 +55,16 @@ def trained(rank, sizes, optimizer_cls=torch.optim.SGD, **opt_kwargs):
     return pfc, opt
 
 
+def next_step(pfc, opt, rank, sizes):
+    """The weight shard after one more SGD step on the global batch of seed 7,
+    split over the ranks by ``sizes``."""
+    x, y, _ = global_problem(sizes, seed=7)
+    opt.zero_grad()
+    pfc(x[my_rows(rank, sizes)], y[my_rows(rank, sizes)]).backward()
+    opt.step()
+    return pfc.weight.detach().clone()
+
+
 def reference(sizes, seed=0, classes=None):
     """Loss and grads of the whole batch on one process; `classes` restricts the
     softmax to a subset (sampled negatives)."""
@@ -104,6 +114,7 @@ def _world2(rank, world, ckpt_path, sharded_dir):
     trained_pfc.save_sharded(sharded_dir, opt)
     out["trained"] = trained_pfc.weight.detach().clone()
     out["momentum"] = opt.state[trained_pfc.weight]["momentum_buffer"].clone()
+    out["next"] = next_step(trained_pfc, opt, rank, [9, 9])
     bad_labels = torch.randint(0, C, (5,))
     if rank == 1:
         bad_labels[2] = C + 7
@@ -116,10 +127,12 @@ def _world2(rank, world, ckpt_path, sharded_dir):
     # (a different D aborted a rank inside gloo; a different C or s ran silently).
     out["config"] = {}
     for name, kwargs in (("embedding_size", {"embedding_size": D + rank}), ("num_classes", {"num_classes": C + rank}),
-                         ("margin", {"margin": mk.ArcFace(s=64.0 + rank)})):
+                         ("margin", {"margin": mk.ArcFace(s=64.0 + rank)}), ("sample_rate", {"sample_rate": 1 - 0.5 * rank}),
+                         ("dtype", {"dtype": (torch.float32, torch.bfloat16)[rank]}),
+                         ("subcenters", {"subcenters": 1 + rank})):
         args = {"embedding_size": D, "num_classes": C, "margin": MARGIN, **kwargs}
         try:
-            mk.PartialFC(args.pop("embedding_size"), args.pop("num_classes"), args.pop("margin"))
+            mk.PartialFC(args.pop("embedding_size"), args.pop("num_classes"), args.pop("margin"), **args)
             out["config"][name] = "no error"
         except ValueError as exc:
             out["config"][name] = str(exc)
@@ -134,8 +147,10 @@ def _world3(rank, world, ckpt_path, sharded_dir):
     resumed = mk.PartialFC(D, C, MARGIN)
     opt = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
     resumed.load_sharded(sharded_dir, opt)
-    return {"zero_rank": step(rank, [5, 0, 7]), "loaded_loss": pfc(x, y).detach(), "shard": pfc.weight.detach(),
-            "resumed": resumed.weight.detach(), "momentum": opt.state[resumed.weight]["momentum_buffer"]}
+    out = {"zero_rank": step(rank, [5, 0, 7]), "loaded_loss": pfc(x, y).detach(), "shard": pfc.weight.detach(),
+           "resumed": resumed.weight.detach().clone(), "momentum": opt.state[resumed.weight]["momentum_buffer"].clone()}
+    out["next"] = next_step(resumed, opt, rank, [6, 6, 6])
+    return out
 
 
 # ---------------------------------------------------------------- tests
@@ -180,7 +195,7 @@ def test_two_and_three_ranks(tmp_path):
 
     # Bad input on one rank raises on every rank, naming it, instead of hanging.
     assert all("rank(s) [1]" in r["bad"] for r in r2)
-    for name in ("embedding_size", "num_classes", "margin"):
+    for name in ("embedding_size", "num_classes", "margin", "sample_rate", "dtype", "subcenters"):
         assert all(f"ranks disagree on {name} (rank(s) [1] differ from rank 0" in r["config"][name] for r in r2), name
     assert "labels must be in [0, 103)" in r2[1]["bad"]
     assert all("bad weight rows (NaN/Inf, overflowing or zero norms) on rank(s) [1]" in r["nan"] for r in r2)
@@ -212,6 +227,11 @@ def test_two_and_three_ranks(tmp_path):
     one.load_sharded(sharded, opt)
     assert torch.equal(one.weight.detach(), weight2)
     assert torch.equal(opt.state[one.weight]["momentum_buffer"], momentum2)
+    # ... and the next step is the one the world-2 run takes (up to the order of the cross-rank sums)
+    next2 = torch.cat([r["next"] for r in r2])
+    assert torch.allclose(torch.cat([r["next"] for r in r3]), next2, rtol=1e-6, atol=1e-8)
+    assert torch.allclose(next_step(one, opt, 0, [18]), next2, rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(next2, weight2, rtol=1e-6, atol=1e-8)  # (the step moved the weight)
 
 
 def test_bad_input_single_process():

@@ -93,9 +93,20 @@ def test_double_backward_through_a_fused_path_raises(backend, reduction):
     x.requires_grad_(True)
     w.requires_grad_(True)
     loss = mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend=backend, reduction=reduction).sum()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) through a fused backend"):
         (gx,) = torch.autograd.grad(loss, x, create_graph=True)
         gx.pow(2).sum().backward()
+
+
+def test_double_backward_through_partial_fc_raises():
+    """PartialFC's backward returned its gradients as constants under
+    create_graph=True: a second derivative silently missing their terms."""
+    pfc = mk.PartialFC(8, 30, mk.ArcFace())
+    x, _, y = make_problem(16, 8, 30)
+    x.requires_grad_(True)
+    loss = pfc(x, y)
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) through a fused backend"):
+        torch.autograd.grad(loss, x, create_graph=True)
 
 
 # ---------------------------------------------------------------- frozen weight
@@ -225,3 +236,19 @@ def test_is_available_answers_for_every_backend():
     assert backends.is_available("reference") is True
     assert backends.is_available("cpp") in (True, False)
     assert backends.is_available("nonsense") is False
+
+
+@pytest.mark.skipif(not backends.is_available("triton"), reason="triton backend unavailable")
+@pytest.mark.parametrize("tf32", [False, True])
+def test_tf32_reaches_the_kernels(tf32, monkeypatch):
+    """KernelOptions(tf32=True) turns the float32 kernels' IEEE dots off (its
+    effect on the numbers is for a GPU: the interpreter computes in fp32)."""
+    from margin_kernels.backends import triton_backend as tb
+
+    seen = []
+    real = tb._flags
+    monkeypatch.setattr(tb, "_flags", lambda *args: seen.append(real(*args)["IEEE"]) or real(*args))
+    x, w, y = make_problem(5, 8, 20)
+    mk.margin_cross_entropy(x, w.requires_grad_(True), y, mk.ArcFace(), backend="triton",
+                            options=mk.KernelOptions(tf32=tf32)).backward()
+    assert seen and all(ieee == (not tf32) for ieee in seen)

@@ -75,15 +75,14 @@ def test_generic_reference_gradcheck():
     w = torch.randn(4 * 2, 5, generator=g, dtype=torch.float64, requires_grad=True)
     y = torch.tensor([0, 1, 2, 3, 1, -100])
     margin = MARGINS["Combined"]
-    m = margin.row_margins(6)
-    loss = lambda a, b: reference.margin_cross_entropy(a, b, y, m, s=margin.s, subcenters=2)[0]  # noqa: E731
+    loss = lambda a, b: reference.margin_cross_entropy(a, b, y, margin, subcenters=2)[0]  # noqa: E731
     assert torch.autograd.gradcheck(loss, (x, w))
 
 
 def test_with_one_subcenter_it_is_arcface():
     g = torch.Generator().manual_seed(1)
     x, w, y = torch.randn(9, 8, generator=g), torch.randn(11, 8, generator=g), torch.randint(0, 11, (9,), generator=g)
-    loss, _ = reference.margin_cross_entropy(x, w, y, mk.ArcFace().row_margins(9), s=64.0)
+    loss, _ = reference.margin_cross_entropy(x, w, y, mk.ArcFace())
     assert abs(reference.subcenter_loss(x, w, y, subcenters=1).item() - loss.item()) < 1e-4
 
 
@@ -489,3 +488,17 @@ def test_classes_without_samples_and_bad_input():
         dominant_subcenters(x, y, w, 0)
     with pytest.raises(ValueError, match="max_angle_degrees"):
         far_from_dominant(x, y, w, 3, max_angle_degrees=math.inf)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"] + (["triton"] if mk.backends.is_available("triton") else []))
+def test_exact_ties_between_subcenters_give_the_first_the_gradient(backend):
+    """Identical sub-centers: the class's gradient goes to the first of them,
+    on every backend, as the README says."""
+    g = torch.Generator().manual_seed(4)
+    x, base = torch.randn(6, 8, generator=g), torch.randn(5, 8, generator=g)
+    w = base.repeat_interleave(3, dim=0).clone().requires_grad_(True)  # each class: three equal rows
+    y = torch.randint(0, 5, (6,), generator=g)
+    mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend=backend, subcenters=3).backward()
+    rows = w.grad.view(5, 3, 8)
+    assert rows[:, 0].abs().sum() > 0
+    assert torch.all(rows[:, 1:] == 0)

@@ -7,6 +7,7 @@ elements: C > 4,194,304 classes at D = 512).
 The default run compiles one config per kernel for sm_90; the full matrix of
 configs, architectures and dtypes is ``slow``."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ AOT = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_aot.py"
 def aot(*args):
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, str(AOT), *args], capture_output=True, text=True, env=env)
-    if proc.returncode != 0 and "No module named" in proc.stderr:
+    missing = re.search(r"No module named '([^']+)'", proc.stderr) if proc.returncode != 0 else None
+    if missing and missing.group(1).split(".")[0] == "triton":  # a Triton build without its AOT compiler parts
         pytest.skip(proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -37,12 +37,21 @@ def test_unknown_backward_strategy_is_a_clear_error(monkeypatch):
         loss_and_grads(*(t.to(DEVICE) for t in (x, w, y)), mk.ArcFace(), backend="triton")
 
 
-def test_the_options_argument_picks_the_backward(backward_strategy):
-    """options= wins over the environment's default: both strategies agree."""
+def test_the_options_argument_picks_the_backward(backward_strategy, monkeypatch):
+    """options= wins over the environment's default (the split backward's dW
+    grid is laid out only when it runs), and both strategies agree."""
     x, w, y = (t.to(DEVICE) for t in make_problem(9, 16, 70, seed=4))
     other = "split" if backward_strategy == "atomic" else "atomic"
+    from margin_kernels.backends import triton_backend as tb
+
+    split_launches = []
+    real_grid = tb.dw_grid
+    monkeypatch.setattr(tb, "dw_grid", lambda *args: split_launches.append(args) or real_grid(*args))
     a = loss_and_grads(x, w, y, mk.ArcFace(), backend="triton")
+    assert bool(split_launches) == (backward_strategy == "split")
+    split_launches.clear()
     b = loss_and_grads(x, w, y, mk.ArcFace(), backend="triton", options=mk.KernelOptions(triton_backward=other))
+    assert bool(split_launches) == (other == "split")
     for u, v in zip(a, b):
         assert rel_err(u.cpu(), v.cpu()) < 1e-6
 
@@ -136,8 +145,7 @@ def test_index_gather_reads_and_writes_only_the_sampled_rows():
 
     xr = x.clone().requires_grad_(True)
     wr = w_sub.clone().requires_grad_(True)
-    rows, lse_ref = reference.margin_cross_entropy(xr, wr, labels_local, mk.ArcFace().row_margins(b), s=64.0,
-                                                   reduction="none")
+    rows, lse_ref = reference.margin_cross_entropy(xr, wr, labels_local, mk.ArcFace(), reduction="none")
     (rows * g).sum().backward()
     assert rel_err(lse.cpu(), lse_ref) < FP32_TOL
     assert rel_err(dw.cpu(), wr.grad) < FP32_TOL
