@@ -237,7 +237,6 @@ class PartialFC(nn.Module):
         """The mean loss over the global batch (the same on every rank). A step
         that raises (on every rank, as collectives do) changes nothing: the
         generator, the margin's state and ``last_sampled_index`` stay as they were."""
-        group = self._group
         sizes = self._checked_sizes(embeddings, labels)
         with generators_kept_on_error(self.generator):
             loss, state, class_index = self._step(embeddings, labels, sizes)
