@@ -256,7 +256,8 @@ class CurricularFace(MarginSoftmaxLoss):
         if self.training:  # the batch's t, kept only once its loss is computed
             cos_y = target_cosines(embeddings, self.weight, labels, self.ignore_index, self.subcenters)
             t = spec.updated_t(self.t, cos_y, labels != self.ignore_index)
-            if t.device.type == "cpu" and not bool(torch.isfinite(t)):  # from a bad row: name it
+            if t.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(t)):
+                # from a bad row: name it
                 check_values(embeddings, self.weight, labels, self.ignore_index,
                              num_classes=self.weight.shape[0] // self.subcenters)
         loss = self._loss(embeddings, labels, None, curriculum_t=t)

@@ -98,8 +98,9 @@ def test_table_puts_the_baseline_and_ratios_side_by_side():
 @pytest.mark.parametrize("margin", ["adaface", "magface", "curricular", "subcenter"])
 def test_feature_margin_steps_run_on_their_weights(margin):
     """Each feature margin's fused step and naive baseline run on the weight the
-    worker builds (3 rows per class for sub-centers); for sub-centers both
-    compute the same loss, so their gradients agree."""
+    worker builds (3 rows per class for sub-centers) and compute the same loss
+    (the baseline is the paper's reference, with the same statistics and t),
+    so their gradients agree."""
     import torch
 
     from margin_kernels.bench.steps import make_step, weight_rows
@@ -115,8 +116,8 @@ def test_feature_margin_steps_run_on_their_weights(margin):
         grads.append((x.grad, w.grad))
     if margin == "subcenter":
         assert w.shape[0] == 30
-        for a, b in zip(*grads):
-            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), margin
 
 
 @requires_cpp

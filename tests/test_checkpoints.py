@@ -30,6 +30,7 @@ def _save_world2(rank, world, path, value):
     return None
 
 
+@pytest.mark.slow
 def test_a_save_over_another_world_size_is_never_mixed_in(tmp_path):
     """Saving at world size 1 into a directory that holds a world-2 save used to
     leave the old shard files, and the loader copied rows from them."""

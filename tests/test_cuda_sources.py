@@ -43,6 +43,7 @@ def test_cu_compiles_without_warnings_or_spills(source, arch, tmp_path):
     assert max(registers) <= 64, report
 
 
+@pytest.mark.slow
 def test_cuda_binding_parses_against_torch_headers(tmp_path):
     """margin_ce_cuda.cpp compiles only with a CUDA torch; here, check its syntax
     against this torch's headers (a CPU wheel lacks one CMake-generated header,

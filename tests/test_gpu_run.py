@@ -13,6 +13,7 @@ from conftest import requires_cpp
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @requires_cpp
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_first_look_dry_run(tmp_path):

@@ -115,6 +115,9 @@ def _world2(rank, world, ckpt_path, sharded_dir):
     out["trained"] = trained_pfc.weight.detach().clone()
     out["momentum"] = opt.state[trained_pfc.weight]["momentum_buffer"].clone()
     out["next"] = next_step(trained_pfc, opt, rank, [9, 9])
+    adam_pfc, adam_opt = trained(rank, [9, 9], torch.optim.AdamW, lr=1e-3)
+    adam_pfc.save_sharded(sharded_dir + "_adamw", adam_opt)
+    out["next_adamw"] = next_step(adam_pfc, adam_opt, rank, [9, 9])
     bad_labels = torch.randint(0, C, (5,))
     if rank == 1:
         bad_labels[2] = C + 7
@@ -150,6 +153,10 @@ def _world3(rank, world, ckpt_path, sharded_dir):
     out = {"zero_rank": step(rank, [5, 0, 7]), "loaded_loss": pfc(x, y).detach(), "shard": pfc.weight.detach(),
            "resumed": resumed.weight.detach().clone(), "momentum": opt.state[resumed.weight]["momentum_buffer"].clone()}
     out["next"] = next_step(resumed, opt, rank, [6, 6, 6])
+    adam = mk.PartialFC(D, C, MARGIN)
+    adam_opt = torch.optim.AdamW(adam.parameters(), lr=1e-3)
+    adam.load_sharded(sharded_dir + "_adamw", adam_opt)
+    out["next_adamw"] = next_step(adam, adam_opt, rank, [6, 6, 6])
     return out
 
 
@@ -232,6 +239,12 @@ def test_two_and_three_ranks(tmp_path):
     assert torch.allclose(torch.cat([r["next"] for r in r3]), next2, rtol=1e-6, atol=1e-8)
     assert torch.allclose(next_step(one, opt, 0, [18]), next2, rtol=1e-6, atol=1e-8)
     assert not torch.allclose(next2, weight2, rtol=1e-6, atol=1e-8)  # (the step moved the weight)
+    adam_next2 = torch.cat([r["next_adamw"] for r in r2])
+    assert torch.allclose(torch.cat([r["next_adamw"] for r in r3]), adam_next2, rtol=1e-6, atol=1e-8)
+    adam = mk.PartialFC(D, C, MARGIN)
+    adam_opt = torch.optim.AdamW(adam.parameters(), lr=1e-3)
+    adam.load_sharded(sharded + "_adamw", adam_opt)
+    assert torch.allclose(next_step(adam, adam_opt, 0, [18]), adam_next2, rtol=1e-6, atol=1e-8)
 
 
 def test_bad_input_single_process():
