@@ -36,7 +36,9 @@ SPECS = {
 }
 OPTIONS = [dict(overflow=o, easy_margin=e, detach_margin=d)
            for o, e, d in itertools.product(("classic", "none", "clip"), (False, True), (False, True))]
-PATHS = ["cpp", "cpp-single-pass", "partial_fc"] + (["triton"] if backends.is_available("triton") else [])
+# (Triton under the interpreter is the slow column: the full suite runs it)
+PATHS = ["cpp", "cpp-single-pass", "partial_fc"] + (
+    [pytest.param("triton", marks=pytest.mark.slow)] if backends.is_available("triton") else [])
 
 
 def problem():

@@ -8,7 +8,7 @@ import margin_kernels as mk
 from margin_kernels.partial_fc import class_split
 
 from _dist import run_ranks
-from conftest import backend_device, rel_err, requires_cpp
+from conftest import backend_device, rel_err, requires_cpp, row_err
 
 pytestmark = requires_cpp
 
@@ -87,7 +87,9 @@ def check_against_reference(results, sizes):
         assert rel_err(r["loss"], loss) < 1e-5
         if sizes[rank]:
             assert rel_err(r["dx"], dx[my_rows(rank, sizes)]) < 1e-5
+            assert row_err(r["dx"], dx[my_rows(rank, sizes)]) < 1e-4
         assert rel_err(r["dw"], dw[r["start"] : r["start"] + r["count"]]) < 1e-5
+        assert row_err(r["dw"], dw[r["start"] : r["start"] + r["count"]]) < 1e-4  # a shard's edge rows too
 
 
 # ---------------------------------------------------------------- workers (run in spawned ranks)

@@ -17,7 +17,7 @@ FP32_TOL = 1e-5
 SHAPE = (37, 72, 1000)  # odd: no dimension a multiple of any block
 
 
-@pytest.fixture(autouse=True, params=["atomic", "split"])
+@pytest.fixture(autouse=True, params=["atomic", pytest.param("split", marks=pytest.mark.slow)])
 def backward_strategy(request, monkeypatch):
     """Every test runs with both backward strategies, through their documented
     default (read at call time)."""
