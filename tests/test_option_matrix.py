@@ -128,7 +128,7 @@ def test_the_problem_tells_each_option_apart(name, option, value):
     assert max(rel_err(a, b) for a, b in zip(other[:3], base[:3])) > 1e-3
 
 
-def test_magface_detach_margin_as_the_issue_found_it():
+def test_magface_detach_margin_in_the_reported_case():
     """The reported case: s=16, lambda_g=0, easy_margin=False, x = randn(8, 16) * 20,
     W = randn(30, 16): cpp's dx was ~20% off the reference's."""
     g = torch.Generator().manual_seed(0)
