@@ -49,6 +49,12 @@ SMALL = {"norm": (K.row_inv_norm_kernel, {"BLOCK_R": 64, "BLOCK_K": 64}),
          "project": (K.project_rows_kernel, {"BLOCK_D": 512})}
 
 
+def ordered_atomics(ptx: str) -> list[str]:
+    """Atomic instructions (atom / red) that are not relaxed: a gradient sum
+    needs no memory ordering, and acq_rel costs fences."""
+    return [op for op in re.findall(r"\b(?:atom|red)\.[\w.]+", ptx) if ".relaxed" not in op]
+
+
 def narrow_offsets(ttir: str, buffers: set[str]) -> list[str]:
     """The ``tt.addptr`` ops of a kernel's Triton IR whose pointer derives from
     one of ``buffers`` (argument names) and whose offset is 32-bit."""
@@ -143,6 +149,7 @@ def compile_one(kind, kernel, meta, warps, stages, arch: int, dtype: str, has_in
         row.update(ok="cubin" in k.asm, smem=k.metadata.shared,
                    mma="wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "fma",
                    cp_async="cp.async" in ptx, narrow_offsets=narrow_offsets(k.asm["ttir"], buffers),
+                   ordered_atomics=sorted(set(ordered_atomics(ptx))),
                    **_resources(ptx, arch))
     except Exception as exc:  # report, do not stop: the table is the point
         row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")

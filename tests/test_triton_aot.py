@@ -35,6 +35,8 @@ def check(rows):
     assert not failed, failed[:3]
     narrow = [(r["kernel"], r["dtype"], r["class_index"], r["narrow_offsets"][:2]) for r in rows if r["narrow_offsets"]]
     assert not narrow, narrow
+    ordered = [(r["kernel"], r["dtype"], r["ordered_atomics"]) for r in rows if r["ordered_atomics"]]
+    assert not ordered, ordered  # every gradient sum is a relaxed atomic
     hopper = [r for r in rows if r["arch"] == 90 and r["dtype"] in ("bf16", "fp16") and r["kernel"].startswith(("fwd", "bwd"))]
     assert hopper and all(r["mma"] == "wgmma" and r["cp_async"] for r in hopper)
     measured = [r for r in hopper if "spill_bytes" in r]  # when a ptxas for the PTX is found

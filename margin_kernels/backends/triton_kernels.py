@@ -338,11 +338,12 @@ def lse_backward_kernel(
             k_ok = ks < D
             w_blk = tl.load(W + _offsets(w_rows, stride_w, ks), mask=k_ok[None, :], other=0.0)
             dx = _grad_dx(e_k, w_blk, UPCAST, IEEE, SCALE)
-            tl.atomic_add(DX + _offsets(rows, D, ks), dx, mask=row_ok[:, None] & k_ok[None, :])
+            # gradient sums need no memory ordering: relaxed, not the default acq_rel
+            tl.atomic_add(DX + _offsets(rows, D, ks), dx, mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
             if WITH_DW:
                 x_blk = tl.load(X + _offsets(safe_rows, stride_x, ks), mask=k_ok[None, :], other=0.0)
                 dw = _grad_dw(e_k, x_blk, UPCAST, IEEE, SCALE)
-                tl.atomic_add(DW + _offsets(local, D, ks), dw, mask=col_ok[:, None] & k_ok[None, :])
+                tl.atomic_add(DW + _offsets(local, D, ks), dw, mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
 @triton.autotune(configs=_configs("bwd_dw"), key=AUTOTUNE_KEY)
@@ -402,7 +403,7 @@ def lse_backward_dx_kernel(
         e = _grad_tile(c, rows, row_ok, cols, col_ok, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD) * inv[None, :]
         w_blk = tl.load(W + _offsets(w_rows, stride_w, ds), mask=d_ok[None, :], other=0.0)
         dx += _grad_dx(e, w_blk, UPCAST, IEEE, SCALE)
-    tl.atomic_add(DX + _offsets(rows, D, ds), dx, mask=row_ok[:, None] & d_ok[None, :])
+    tl.atomic_add(DX + _offsets(rows, D, ds), dx, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
 
 
 @triton.jit
