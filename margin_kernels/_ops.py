@@ -99,7 +99,7 @@ def margin_ce_rows_backward(
     labels_local = _labels_local(labels, ignore_index)
     g = torch.where(labels_local >= 0, grad_rows.float(), torch.zeros_like(lse))
     targets = Targets(target_logit, target_grad_x, target_grad_w)
-    dx, dw = shard_backward(kernels, x_hat, weight, w_inv, labels_local, targets, lse, g, scale=s, options=options,
+    dx, dw, _ = shard_backward(kernels, x_hat, weight, w_inv, labels_local, targets, lse, g, scale=s, options=options,
                             hard=hard, subcenters=subcenters, target_subcenter=target_subcenter,
                             weight_grad=weight_grad)
     return dx, dw if dw is not None else weight.new_empty(0, weight.shape[1])

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ._checks import bad_norm_rows, check_weight_norms, describe_bad_row, first_bad_weight_row
 from ._sharding import Group
-from ._targets import Targets, add_target_gradients, target_logit_grad, target_share
+from ._targets import Targets, add_target_gradients, target_share
 
 
 def shard_forward(kernels, x_hat: Tensor, weight: Tensor, labels_local: Tensor, targets: Targets, *, scale: float,
@@ -49,9 +49,10 @@ def shard_forward(kernels, x_hat: Tensor, weight: Tensor, labels_local: Tensor, 
 def shard_backward(kernels, x_hat: Tensor, weight: Tensor, w_inv: Tensor, labels_local: Tensor, targets: Targets,
                    lse: Tensor, grad_rows: Tensor, *, scale: float, options, class_index: Tensor | None = None,
                    hard: Tensor | None = None, subcenters: int = 1, target_subcenter: Tensor | None = None,
-                   weight_grad: bool = True) -> tuple[Tensor, Tensor | None]:
-    """(d/dx_hat, d/dW of this shard, None without ``weight_grad``) for per-row
-    upstream gradients ``grad_rows`` (zero for ignored rows). The kernels leave
+                   weight_grad: bool = True) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(d/dx_hat, d/dW of this shard (None without ``weight_grad``), d/d(target
+    logit) of the rows whose target is here) for per-row upstream gradients
+    ``grad_rows`` (zero for ignored rows). The kernels leave
     the target columns out; their exact gradient comes from ``_targets`` (to the
     sub-center ``target_subcenter`` of each row's class, with sub-centers): the
     dW share goes into the kernels' float32 blocks, the dx share is added here."""
@@ -62,7 +63,7 @@ def shard_backward(kernels, x_hat: Tensor, weight: Tensor, w_inv: Tensor, labels
         target_rows=None if share.dw is None else share.rows, target_dw=share.dw,
     )
     add_target_gradients(dx_hat, None, targets, share)
-    return dx_hat, dw
+    return dx_hat, dw, share.d_logit
 
 
 def _raise_bad_weight(weight: Tensor, w_inv: Tensor, class_index: Tensor | None, flags: Tensor) -> None:
@@ -152,11 +153,10 @@ class ShardedLoss(torch.autograd.Function):
         # The rows' owners add the target columns' terms and return the target
         # logits' gradient (margins that need one: MagFace); the all-gather's
         # backward sums over ranks, counting each once.
-        d_logit = target_logit_grad(targets.logit, lse, labels_local >= 0, g) if ctx.needs_input_grad[3] else None
-        dx_hat, dw = shard_backward(ctx.kernels, x_hat, weight, w_inv, labels_local, targets, lse, g,
-                                    scale=ctx.scale, options=ctx.options, class_index=class_index, hard=hard,
-                                    subcenters=ctx.subcenters, target_subcenter=target_subcenter,
-                                    weight_grad=weight_grad)
+        dx_hat, dw, d_logit = shard_backward(ctx.kernels, x_hat, weight, w_inv, labels_local, targets, lse, g,
+                                             scale=ctx.scale, options=ctx.options, class_index=class_index,
+                                             hard=hard, subcenters=ctx.subcenters, target_subcenter=target_subcenter,
+                                             weight_grad=weight_grad)
         if weight_grad and class_index is not None:
             if weight.is_leaf:
                 # Rows-only update straight into .grad: autograd would otherwise
@@ -167,4 +167,4 @@ class ShardedLoss(torch.autograd.Function):
                 dw = None
             else:  # rows outside the sample get a zero gradient
                 dw = torch.zeros_like(weight).index_copy_(0, class_index, dw)
-        return (dx_hat, dw, None, d_logit) + (None,) * 11
+        return (dx_hat, dw, None, d_logit if ctx.needs_input_grad[3] else None) + (None,) * 11
