@@ -62,12 +62,13 @@ int64_t checked_rows(const at::Tensor& weight, const c10::optional<at::Tensor>& 
   return rows;
 }
 
-// CurricularFace's [2, B] float32 (thresholds, t) beside x_hat, when given.
+// The hard-negative rule, [4, B] float32 (thresholds, a, b, d) beside x_hat, when given.
 void check_hard(const c10::optional<at::Tensor>& hard, const at::Tensor& x_hat) {
   if (!hard.has_value()) return;
   const at::Tensor& h = *hard;
-  TORCH_CHECK(h.dim() == 2 && h.size(0) == 2 && h.size(1) == x_hat.size(0),
-              "hard must be a [2, B] matrix (thresholds, t) with B = ", x_hat.size(0), ", got shape ", h.sizes());
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == 4 && h.size(1) == x_hat.size(0),
+              "hard must be a [4, B] matrix (thresholds, a, b, d) with B = ", x_hat.size(0), ", got shape ",
+              h.sizes());
   TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous() && h.device() == x_hat.device(),
               "hard must be contiguous float32 on x_hat's device");
 }
@@ -156,20 +157,20 @@ std::tuple<at::Tensor, at::Tensor> lse_backward(
                                       target_dw);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> single_pass(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& target_logit,
     const at::Tensor& grad_rows, double scale, int64_t block_rows, const c10::optional<at::Tensor>& hard,
     int64_t subcenters) {
   check_layout(x_hat, weight, labels_local);
-  TORCH_CHECK(x_hat.device().is_cpu(), "fused_forward_backward runs on the CPU only");
-  TORCH_CHECK(weight.scalar_type() == at::kFloat, "fused_forward_backward takes float32 weights only");
+  TORCH_CHECK(x_hat.device().is_cpu(), "single_pass runs on the CPU only");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "single_pass takes float32 weights only");
   const int64_t rows = checked_rows(weight, c10::nullopt, subcenters, x_hat);
   check_vector("w_inv", w_inv, rows, at::kFloat, x_hat);
   check_rows(x_hat, {{"target_logit", &target_logit}, {"grad_rows", &grad_rows}});
   check_hard(hard, x_hat);
   TORCH_CHECK(block_rows >= 1, "block_rows must be >= 1, got ", block_rows);
-  return margin_kernels::fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows,
+  return margin_kernels::single_pass(x_hat, weight, w_inv, labels_local, target_logit, grad_rows,
                                                 scale, block_rows, hard, subcenters);
 }
 
@@ -188,7 +189,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("lse"), py::arg("grad_rows"), py::arg("scale"), py::arg("block_classes"),
         py::arg("class_index") = py::none(), py::arg("hard") = py::none(), py::arg("subcenters") = 1,
         py::arg("weight_grad") = true, py::arg("target_rows") = py::none(), py::arg("target_dw") = py::none());
-  m.def("fused_forward_backward", &fused_forward_backward,
+  m.def("single_pass", &single_pass,
         "row-chunked single-shard sweep: (lse, dx_hat, dW) in three GEMMs",
         py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),
         py::arg("target_logit"), py::arg("grad_rows"), py::arg("scale"), py::arg("block_rows"),

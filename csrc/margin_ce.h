@@ -16,8 +16,8 @@
   /* `class_index` (optional, int64 [K]): the shard's classes are the rows                   \
      weight[class_index]; per-class inputs (w_inv) and outputs (dW) then have K              \
      rows, and labels_local count positions in the index.                                    \
-     `hard` (optional, float32 [2, B]: thresholds, then t): CurricularFace's hard             \
-     negatives, a non-target cosine c > threshold[i] counts as c (t[i] + c).                 \
+     `hard` (optional, float32 [4, B]: thresholds, then a, b, d): the hard-negative           \
+     rule, a non-target cosine c > threshold[i] counts as (a[i] c + b[i]) c + d[i].          \
      `subcenters` (S >= 1): each class is S consecutive rows of `weight` (or of the          \
      index), its cosine the max over them; w_inv and dW count rows (S per class),            \
      labels_local and block_classes count classes, and a class's gradient goes to its       \
@@ -53,7 +53,7 @@ MK_DECLARE_KERNEL_INTERFACE
 // classes and returns (lse, dx_hat, dW) for row weights `grad_rows` in one pass
 // of three GEMMs, without the target columns' share. float32 weights only;
 // `hard` and `subcenters` as in lse_forward.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_forward_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> single_pass(
     const at::Tensor& x_hat, const at::Tensor& weight, const at::Tensor& w_inv,
     const at::Tensor& labels_local, const at::Tensor& target_logit,
     const at::Tensor& grad_rows, double scale, int64_t block_rows,

@@ -30,16 +30,13 @@ import hashlib
 import io
 import os
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._sharding import class_split
+from ._sharding import Shard, class_split
 from ._state import check_layout
-
-if TYPE_CHECKING:
-    from .partial_fc import PartialFC
 
 FORMAT = 2
 META = "meta.pt"
@@ -76,19 +73,19 @@ def _sha256(path: str) -> str:
 # ---------------------------------------------------------------------- full matrix
 
 
-def gather_full(pfc: "PartialFC", dst: int | None = None) -> Tensor | None:
+def gather_full(shard: Shard, dst: int | None = None) -> Tensor | None:
     """The full [C, D] class matrix in host memory, on every rank (``dst=None``)
     or on rank ``dst`` only (None elsewhere). A collective.
 
     Shards travel one at a time through a buffer of one shard on the weight's
     device; a [C, D] gather on the device would not fit at the sizes PartialFC is for.
     """
-    group, weight, k = pfc._group, pfc.weight.detach(), pfc.subcenters
-    splits = [class_split(pfc.num_classes, group.size, r) for r in range(group.size)]
+    group, weight, k = shard.group, shard.weight.detach(), shard.subcenters
+    splits = [class_split(shard.num_classes, group.size, r) for r in range(group.size)]
     splits = [(start * k, count * k) for start, count in splits]  # in weight rows
     wanted = dst is None or group.rank == dst
-    full = torch.empty((pfc.num_classes * k, pfc.embedding_size), dtype=weight.dtype) if wanted else None
-    buffer = torch.empty((max(n for _, n in splits), pfc.embedding_size), dtype=weight.dtype, device=weight.device)
+    full = torch.empty((shard.num_classes * k, shard.embedding_size), dtype=weight.dtype) if wanted else None
+    buffer = torch.empty((max(n for _, n in splits), shard.embedding_size), dtype=weight.dtype, device=weight.device)
     for r, (start, count) in enumerate(splits):
         part = buffer[:count]
         if r == group.rank:
@@ -108,38 +105,38 @@ def gather_full(pfc: "PartialFC", dst: int | None = None) -> Tensor | None:
 # ---------------------------------------------------------------------- sharded directory
 
 
-def _check_holds_weight(pfc: "PartialFC", optimizer: torch.optim.Optimizer | None) -> None:
-    if optimizer is not None and not any(p is pfc.weight for g in optimizer.param_groups for p in g["params"]):
+def _check_holds_weight(shard: Shard, optimizer: torch.optim.Optimizer | None) -> None:
+    if optimizer is not None and not any(p is shard.weight for g in optimizer.param_groups for p in g["params"]):
         raise ValueError("optimizer does not hold this PartialFC's weight in its param_groups")
 
 
-def save_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+def save_sharded(shard: Shard, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Write this rank's shard (and its optimizer state) under directory ``path``.
 
     A collective: every rank calls it with the same ``path`` on a file system
     they share. Returns once ``meta.pt`` names every rank's file.
     """
-    _check_holds_weight(pfc, optimizer)
-    group = pfc._group
+    _check_holds_weight(shard, optimizer)
+    group = shard.group
     os.makedirs(path, exist_ok=True)
     save_id = group.all_gather_object(secrets.token_hex(8) if group.rank == 0 else None)[0]
-    start, end = pfc.class_start, pfc.class_start + pfc.num_local
+    start, end = shard.class_start, shard.class_start + shard.num_local
     shard_state = None
     if optimizer is not None:
         # Per-class tensors (momentum, moments) are this shard's rows, like the
         # weight; the rest (Adam's step) is the same on every rank.
         shard_state = {key: value.detach().cpu() if isinstance(value, Tensor) else value
-                       for key, value in optimizer.state.get(pfc.weight, {}).items()}
-    data = _serialize({"start": start, "end": end, "weight": pfc.weight.detach().cpu(), "optimizer": shard_state})
+                       for key, value in optimizer.state.get(shard.weight, {}).items()}
+    data = _serialize({"start": start, "end": end, "weight": shard.weight.detach().cpu(), "optimizer": shard_state})
     name = _shard_name(start, end, save_id)
     _atomic_write(data, os.path.join(path, name))
     entry = {"file": name, "start": start, "end": end, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     shards = group.all_gather_object(entry)  # also: every rank's file is complete
     if group.rank == 0:
-        meta = {"format": FORMAT, "save_id": save_id, "num_classes": pfc.num_classes, "subcenters": pfc.subcenters,
-                "embedding_size": pfc.embedding_size, "dtype": str(pfc.weight.dtype), "world_size": group.size,
-                "shards": shards, "buffers": {name: buf.detach().cpu() for name, buf in pfc.named_buffers()},
-                "layout": pfc.get_extra_state()}
+        meta = {"format": FORMAT, "save_id": save_id, "num_classes": shard.num_classes, "subcenters": shard.subcenters,
+                "embedding_size": shard.embedding_size, "dtype": str(shard.weight.dtype), "world_size": group.size,
+                "shards": shards, "buffers": {name: buf.detach().cpu() for name, buf in shard.buffers.items()},
+                "layout": shard.layout}
         _atomic_write(_serialize(meta), os.path.join(path, META))
         keep = {entry["file"] for entry in shards}
         for old in os.listdir(path):  # earlier saves' shards, now unreachable
@@ -212,7 +209,7 @@ def _load_shard(path: str, entry: dict) -> dict:
     return shard
 
 
-def load_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+def load_sharded(shard: Shard, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
     """Fill this rank's shard (and its optimizer state) from a directory written
     by ``save_sharded`` at any world size. Reads only the files meta.pt names
     that overlap this rank's classes, verified and memory-mapped. Not a collective.
@@ -221,53 +218,53 @@ def load_sharded(pfc: "PartialFC", path: str, optimizer: torch.optim.Optimizer |
     that raises leaves the weight, the buffers and the optimizer state as they
     were. A save that replaces the files while this reads them sends it back to
     the new meta.pt, up to LOAD_ATTEMPTS times."""
-    _check_holds_weight(pfc, optimizer)
+    _check_holds_weight(shard, optimizer)
     for _ in range(LOAD_ATTEMPTS):
         meta = _read_meta(path)
         try:
-            staged = _stage(pfc, path, meta, optimizer)
+            staged = _stage(shard, path, meta, optimizer)
         except FileNotFoundError:
             if _read_meta(path)["save_id"] == meta["save_id"]:  # no newer save: the files are really gone
                 missing = [e["file"] for e in meta["shards"] if not os.path.exists(os.path.join(path, e["file"]))]
                 raise ValueError(f"{path}: {META} lists files that are missing: {missing}") from None
             continue  # a newer save replaced this one while we read it: start over from it
-        _commit(pfc, optimizer, *staged)
+        _commit(shard, optimizer, *staged)
         return
     raise ValueError(f"{path}: a save replaced the checkpoint's files {LOAD_ATTEMPTS} times while they were read; "
                      "load once the saves pause")
 
 
-def _stage(pfc: "PartialFC", path: str, meta: dict,
+def _stage(shard: Shard, path: str, meta: dict,
            optimizer: torch.optim.Optimizer | None) -> tuple[Tensor, dict[str, Tensor], dict[str, Any] | None]:
     """(this rank's weight rows, the buffers, the optimizer state), read from the
     checkpoint and checked against the module, in host memory; nothing of
-    ``pfc`` is touched."""
+    ``shard`` is touched."""
     meta_path = os.path.join(path, META)
-    expected = (pfc.num_classes, pfc.embedding_size)
+    expected = (shard.num_classes, shard.embedding_size)
     if (meta["num_classes"], meta["embedding_size"]) != expected:
         raise ValueError(f"{path}: checkpoint holds [{meta['num_classes']}, {meta['embedding_size']}] classes x dims, "
                          f"this PartialFC is {list(expected)}")
-    k = pfc.subcenters
+    k = shard.subcenters
     if meta["subcenters"] != k:
         raise ValueError(f"{path}: checkpoint has {meta['subcenters']} sub-center(s) per class, this "
                          f"PartialFC {k}")
-    weight = pfc.weight.detach()
+    weight = shard.weight.detach()
     if meta["dtype"] != str(weight.dtype):
         raise ValueError(f"{path}: checkpoint holds {meta['dtype']} weights, this PartialFC {weight.dtype} (build it "
                          f"with dtype={meta['dtype']}, load, then cast)")
-    mine = pfc.get_extra_state()
+    mine = shard.layout
     # (saves before the layout record: the margin is unknown, its state's names tell)
     saved_layout = meta.get("layout", {"subcenters": meta["subcenters"], "margin": mine["margin"],
                                        "state": sorted(meta["buffers"])})
     check_layout("PartialFC", mine, saved_layout, meta_path)
     buffers = {}
-    for name, buf in pfc.named_buffers():
+    for name, buf in shard.buffers.items():
         saved = meta["buffers"].get(name)
         if not isinstance(saved, Tensor) or saved.shape != buf.shape:
             raise ValueError(f"{meta_path}: holds no {name!r} of shape {tuple(buf.shape)} (got {saved!r})")
         buffers[name] = saved
 
-    lo, hi = pfc.class_start, pfc.class_start + pfc.num_local
+    lo, hi = shard.class_start, shard.class_start + shard.num_local
     covered = lo
     new_weight = torch.empty(weight.shape, dtype=weight.dtype)
     new_state: dict[str, Any] | None = None if optimizer is None else {}
@@ -277,18 +274,18 @@ def _stage(pfc: "PartialFC", path: str, meta: dict,
             continue
         if start > covered:
             break
-        shard = _load_shard(path, entry)
+        part = _load_shard(path, entry)
         a, b = max(start, lo), min(end, hi)
-        new_weight[(a - lo) * k : (b - lo) * k].copy_(shard["weight"][(a - start) * k : (b - start) * k])
+        new_weight[(a - lo) * k : (b - lo) * k].copy_(part["weight"][(a - start) * k : (b - start) * k])
         if new_state is not None:
-            saved = shard.get("optimizer")
+            saved = part.get("optimizer")
             if saved is None:
                 raise ValueError(f"{os.path.join(path, entry['file'])}: saved without optimizer state, but an "
                                  "optimizer was given")
             for key, value in saved.items():
-                if isinstance(value, Tensor) and value.shape == shard["weight"].shape:
+                if isinstance(value, Tensor) and value.shape == part["weight"].shape:
                     if key not in new_state:
-                        new_state[key] = torch.empty((pfc.num_local * k,) + value.shape[1:], dtype=value.dtype)
+                        new_state[key] = torch.empty((shard.num_local * k,) + value.shape[1:], dtype=value.dtype)
                     new_state[key][(a - lo) * k : (b - lo) * k].copy_(value[(a - start) * k : (b - start) * k])
                 elif key not in new_state:
                     new_state[key] = value.clone() if isinstance(value, Tensor) else value
@@ -298,14 +295,14 @@ def _stage(pfc: "PartialFC", path: str, meta: dict,
     return new_weight, buffers, new_state
 
 
-def _commit(pfc: "PartialFC", optimizer: torch.optim.Optimizer | None, weight: Tensor, buffers: dict[str, Tensor],
+def _commit(shard: Shard, optimizer: torch.optim.Optimizer | None, weight: Tensor, buffers: dict[str, Tensor],
             state: dict[str, Any] | None) -> None:
     """Copy a staged load in; nothing here can fail on the checkpoint's account."""
     with torch.no_grad():
-        pfc.weight.copy_(weight)
-        for name, buf in pfc.named_buffers():
+        shard.weight.copy_(weight)
+        for name, buf in shard.buffers.items():
             buf.copy_(buffers[name])
     if optimizer is not None:
-        device = pfc.weight.device
-        optimizer.state[pfc.weight] = {key: value.to(device) if isinstance(value, Tensor) and value.dim() else value
+        device = shard.weight.device
+        optimizer.state[shard.weight] = {key: value.to(device) if isinstance(value, Tensor) and value.dim() else value
                                        for key, value in state.items()}

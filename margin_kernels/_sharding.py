@@ -2,10 +2,13 @@
 its checkpoint I/O talk through (a single process is the one-rank case)."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_autograd
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -56,6 +59,15 @@ class Group:
         dist.all_gather_object(out, obj, group=self.group)
         return out
 
+    def gather_rows_with_grad(self, t: Tensor, sizes: list[int]) -> Tensor:
+        """``all_gather_rows`` with autograd: the backward sums every rank's
+        share of the gathered rows' gradient and keeps this rank's rows."""
+        if not self.distributed:
+            return t
+        padded = F.pad(t, (0, 0, 0, max(sizes) - t.shape[0]))
+        parts = dist_autograd.all_gather(padded, group=self.group if self.group is not None else dist.group.WORLD)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
     def all_gather_rows(self, t: Tensor, sizes: list[int]) -> Tensor:
         """Concatenate every rank's rows (rank order), sizes[r] rows from rank r."""
         if not self.distributed:
@@ -65,3 +77,19 @@ class Group:
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded, group=self.group)
         return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+@dataclass(frozen=True)
+class Shard:
+    """What one rank holds of a class matrix sharded over a group: the
+    surface ``PartialFC.shard`` gives its checkpoint I/O."""
+
+    group: Group
+    num_classes: int  # C over all ranks
+    embedding_size: int  # D
+    subcenters: int  # K weight rows per class
+    class_start: int  # this rank's classes: [class_start, class_start + num_local)
+    num_local: int
+    weight: Tensor  # this rank's [num_local * K, D] parameter
+    buffers: Mapping[str, Tensor]  # the margin's running state (the same on every rank)
+    layout: dict  # the layout record (``_state.layout_state``) a checkpoint must match

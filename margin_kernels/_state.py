@@ -35,7 +35,7 @@ EXTRA_STATE = "_extra_state"
 def layout_state(subcenters: int, margin: object, buffers: list[str]) -> dict:
     """What a state_dict must agree on beyond tensor shapes: sub-centers per
     class (K = 3 and C = 20 has the rows of K = 2 and C = 30), the margin family
-    and the names of the state it keeps (AdaFace's statistics, CurricularFace's t)."""
+    and the names of the running state it keeps (``Margin.state_names``)."""
     return {"subcenters": subcenters, "margin": type(margin).__name__, "state": sorted(buffers)}
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .margins import NORM_EPS, Margin, RowMargins, target_logit
+from .margins import NORM_EPS, Margin, RowMargins
 
 
 class Geometry(NamedTuple):
@@ -87,9 +87,8 @@ def prepare_targets(geo: Geometry, margins: RowMargins, margin: Margin) -> Targe
 
     The geometry is detached (its gradient is grad_x / grad_w); the logit
     keeps the margins' autograd history, so that margins that need a gradient
-    (MagFace's, a function of the embedding norm) receive dL/dm through it."""
-    t, slope = target_logit(geo.cos, margins, overflow=margin.overflow, easy_margin=margin.easy_margin,
-                            detach_margin=margin.detach_margin, sin_target=geo.sin)
+    (functions of the embeddings) receive dL/dm through it."""
+    t, slope = margin.target(geo.cos, margins, sin_target=geo.sin)
     with torch.no_grad():
         scaled = margin.s * slope
         grad_x = (scaled[:, None] * geo.perp_x).float()

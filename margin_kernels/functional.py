@@ -1,7 +1,8 @@
-"""margin_cross_entropy(): validation, dispatch to a backend, autograd."""
+"""margin_cross_entropy(): validation, the margin's step, dispatch to a backend."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -9,11 +10,10 @@ from torch import Tensor
 
 from . import backends, reference
 from ._checks import FUSED_DTYPES, check_args, check_margins, check_subcenters, check_values
-from ._ops import _labels_local  # also registers the margin_kernels:: custom ops
-from ._shard_loss import SinglePassLoss
-from ._targets import geometry, prepare_targets, target_rows
+from ._loss_function import LossCall, MarginLoss
 from ._state import state_dtype
-from .margins import NORM_EPS, CurricularFace, Margin, RowMargins
+from ._targets import geometry, prepare_targets, target_rows
+from .margins import NORM_EPS, Margin, MarginStep, RowMargins, StepBatch
 
 __all__ = ["margin_cross_entropy", "draw_margins"]
 
@@ -27,18 +27,20 @@ def draw_margins(
     ignore_index: int = -100,
     generator: torch.Generator | None = None,
     subcenters: int = 1,
+    state: Mapping[str, Tensor | float] | None = None,
 ) -> RowMargins:
     """The per-row (m1, m2, m3) that ``margin_cross_entropy`` would use for this batch.
 
-    Sorted elastic margins need the rows' target cosines; they are computed
-    here from a gather of B weight rows (B x K with sub-centers), as
-    margin_cross_entropy does.
+    The margin's step sees the rows' target cosines, computed here from a
+    gather of B weight rows (B x K with sub-centers), as margin_cross_entropy
+    does; ``state`` is the margin's running state, for specs that keep one.
     """
     check_subcenters(subcenters, weight.shape[0])
+    state = margin.check_state(state, embeddings.device, state_dtype(embeddings.dtype))
     valid = labels != ignore_index
-    cos_y = _target_cosines(embeddings, weight, labels, valid, subcenters) if margin.needs_target_cosine else None
-    return margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=cos_y, valid=valid,
-                              generator=generator, dtype=state_dtype(embeddings.dtype))
+    rows, _ = _target_rows(embeddings, weight, labels, valid, subcenters)
+    geo = geometry(embeddings, weight.index_select(0, rows), mask=valid)
+    return margin.step(StepBatch(embeddings, valid, geo.cos, geo.sin, generator), state).margins
 
 
 def target_cosines(embeddings: Tensor, weight: Tensor, labels: Tensor, ignore_index: int = -100,
@@ -80,15 +82,16 @@ def margin_cross_entropy(
     workspace_bytes: int | None = None,
     margins: RowMargins | None = None,
     options: backends.KernelOptions | None = None,
-    curriculum_t: Tensor | float | None = None,
+    state: Mapping[str, Tensor | float] | None = None,
     subcenters: int = 1,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Margin-softmax cross-entropy of ``embeddings`` against class ``weight``.
 
     Computes, for x_hat and w_hat the L2-normalized rows,
     ``loss_i = logsumexp_j z_ij - z_iy`` with ``z_ij = s cos(x_i, w_j)`` and the
-    target logit ``z_iy = s (cos(m1 theta + m2) - m3)`` (docs/DESIGN.md §1). Fused
-    backends never hold the B x C logits.
+    target logit ``z_iy = s (cos(m1 theta + m2) - m3)`` (docs/DESIGN.md §1), the
+    margin's hard negatives reweighted and its penalty added. Fused backends
+    never hold the B x C logits.
 
     Args:
         embeddings: [B, D] float32, bfloat16 or float16 (float64: reference only).
@@ -105,14 +108,16 @@ def margin_cross_entropy(
         workspace_bytes: scratch budget of the fused sweep in bytes (default:
             ``$MARGIN_KERNELS_WORKSPACE_MB`` MiB, else 64 MiB); a shorthand for
             ``options=KernelOptions(workspace_bytes=...)``.
-        margins: per-row (m1, m2, m3) to use instead of drawing them from
-            ``margin`` (e.g. the ``last_margins`` of an elastic module, to replay a step).
+        margins: per-row (m1, m2, m3) to use instead of the margin's (e.g. the
+            ``last_margins`` of a head, to replay a step). The margin's penalty
+            term (``MarginStep.penalty``), if it has one, is then the caller's to add.
         options: how the fused kernels run (:class:`margin_kernels.backends.KernelOptions`:
-            workspace, the Triton backward, TF32); defaults read from the
-            environment at call time.
-        curriculum_t: CurricularFace's t for this step (required with a
-            ``CurricularFace`` margin, and only there); used as given, the
-            caller updates it (:class:`margin_kernels.nn.CurricularFace` does).
+            workspace, the Triton backward, TF32, the single pass); defaults
+            read from the environment at call time.
+        state: the margin's running state by name, for specs that keep one
+            (the names of ``margin.state_names``; ``margin.initial_state()`` at the start of
+            training). Used as given: the caller updates it, as the heads in
+            :mod:`margin_kernels.nn` do.
         subcenters: sub-center ArcFace's K (Deng et al., ECCV 2020): each
             class's cosine is the max over its K sub-centers, its gradient goes
             to the arg-max one; combines with every margin. The fused kernels
@@ -122,6 +127,36 @@ def margin_cross_entropy(
         The loss (a scalar, or [B] for ``reduction="none"``) in float32, and the
         [B] logsumexp if ``return_lse``.
     """
+    loss, lse, _ = margin_loss_step(embeddings, weight, labels, margin, reduction=reduction,
+                                    ignore_index=ignore_index, backend=backend, generator=generator,
+                                    workspace_bytes=workspace_bytes, margins=margins, options=options, state=state,
+                                    subcenters=subcenters)
+    return (loss, lse) if return_lse else loss
+
+
+def margin_loss_step(
+    embeddings: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    margin: Margin,
+    *,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    backend: str = "auto",
+    generator: torch.Generator | None = None,
+    workspace_bytes: int | None = None,
+    margins: RowMargins | None = None,
+    options: backends.KernelOptions | None = None,
+    state: Mapping[str, Tensor | float] | None = None,
+    subcenters: int = 1,
+    update: bool = False,
+    own_step: bool = False,
+) -> tuple[Tensor, Tensor, MarginStep | None]:
+    """(loss, lse, the margin's step) of ``margin_cross_entropy``; with
+    ``update`` the step updates the margin's state from the batch first (the
+    heads in training), and its ``state`` is what the caller commits. The
+    reference backend judges on its own (no step, None) unless ``own_step``:
+    the heads need the step's margins and state whatever the backend."""
     check_args(embeddings, weight, labels, margin, reduction)
     check_subcenters(subcenters, weight.shape[0])
     options = kernel_options(options, workspace_bytes)
@@ -132,67 +167,62 @@ def margin_cross_entropy(
     if not compiling:  # the fused paths check weight from its row norms
         check_values(embeddings, weight if name == "reference" else None, labels, ignore_index,
                      num_classes=weight.shape[0] // subcenters)
-    curriculum_t = _check_curriculum_t(margin, curriculum_t, embeddings.device)
+    state = margin.check_state(state, embeddings.device, state_dtype(embeddings.dtype))
     if margins is not None:
         margins = check_margins(margins, labels.shape[0], embeddings.device)
 
-    if name == "reference":  # the oracle: from the raw inputs and the spec's numbers, on its own
+    if name == "reference" and not (own_step or update):  # the oracle: from the raw inputs and the spec's numbers
         loss, lse = reference.margin_cross_entropy(
             embeddings, weight, labels, margin, reduction=reduction, ignore_index=ignore_index, margins=margins,
-            generator=generator, curriculum_t=curriculum_t, subcenters=subcenters,
+            generator=generator, state=state, subcenters=subcenters,
         )
-        return (loss, lse) if return_lse else loss
+        return loss, lse, None
 
     valid = labels != ignore_index
     w_rows, target_subcenter = _target_rows(embeddings, weight, labels, valid, subcenters)
-    geo = geometry(embeddings, weight.index_select(0, w_rows))
-    hard = None if curriculum_t is None else margin.hard_rule(geo.cos, geo.sin, curriculum_t, valid).float()
-    x_hat = F.normalize(embeddings.float(), dim=1, eps=NORM_EPS)
-    if margins is None:  # as draw_margins, reusing the target cosines computed here
-        margins = margin.row_margins(labels.shape[0], device=embeddings.device, cos_target=geo.cos,
-                                     valid=valid, generator=generator)
-    targets = prepare_targets(geo, margins, margin)
-    kernels = backends.load(name)
-    options = options.resolved()
-
-    if _can_fuse(kernels, weight, reduction, compiling, labels.shape[0], options):
-        labels_local = _labels_local(labels, ignore_index)
-        row_scale = valid.float()
-        if reduction == "mean":
-            row_scale = row_scale / valid.sum().clamp_min(1)
-        loss, lse = SinglePassLoss.apply(
-            x_hat.contiguous(), weight, labels_local, *targets, row_scale, hard, target_subcenter, subcenters,
-            margin.s, kernels, options
+    geo = geometry(embeddings, weight.index_select(0, w_rows), mask=valid)
+    step = margin.step(StepBatch(embeddings, valid, geo.cos, geo.sin, generator), state, update=update,
+                       margins=margins)
+    if name == "reference":  # the step's margins and state, the rest the oracle's own
+        loss, lse = reference.margin_cross_entropy(
+            embeddings, weight, labels, margin, reduction=reduction, ignore_index=ignore_index,
+            margins=step.margins, state=dict(step.state) or None, subcenters=subcenters,
         )
     else:
-        rows, lse, _ = torch.ops.margin_kernels.margin_ce_rows(
-            x_hat.contiguous(), weight.contiguous(), labels, targets.logit, targets.grad_x, targets.grad_w, hard,
-            target_subcenter, subcenters, float(margin.s), int(ignore_index), name, options.workspace_bytes, options.triton_backward, options.tf32,
-            compiling,
-        )
-        loss = reference.reduce_rows(rows, valid, reduction)
-    return (loss, lse) if return_lse else loss
+        loss, lse = _fused_loss(name, embeddings, weight, labels, valid, geo, step, margin, target_subcenter,
+                                reduction=reduction, ignore_index=ignore_index, subcenters=subcenters,
+                                options=options.resolved(), compiling=compiling)
+    if step.penalty is not None and margins is None:
+        loss = loss + reduce_penalty(step.penalty, valid, reduction).to(loss.dtype)
+    return loss, lse, step
 
 
-def _check_curriculum_t(margin: Margin, t: Tensor | float | None, device: torch.device) -> Tensor | None:
-    """CurricularFace's t as a float64 0-d tensor on ``device``; None elsewhere."""
-    if not isinstance(margin, CurricularFace):
-        if t is not None:
-            raise ValueError(f"curriculum_t is CurricularFace's; got it with {type(margin).__name__}")
-        return None
-    if t is None:
-        raise ValueError("CurricularFace needs its running t: use margin_kernels.nn.CurricularFace (which keeps it), "
-                         "or pass curriculum_t= (0.0 at the start of training)")
-    if isinstance(t, bool) or not isinstance(t, (int, float, Tensor)):
-        raise TypeError(f"curriculum_t must be a float or a 0-d tensor, got {type(t).__name__}")
-    t = torch.as_tensor(t, dtype=torch.float64)
-    if t.numel() != 1:
-        raise ValueError(f"curriculum_t must be a scalar, got shape {tuple(t.shape)}")
-    # A running mean of cosines. (A CUDA tensor is not read back: that would
-    # cost a host sync per step.)
-    if t.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(t.abs() <= 1):
-        raise ValueError(f"curriculum_t must be finite and in [-1, 1] (a running mean of target cosines), got {t.item()}")
-    return t.reshape(()).to(device)
+def _fused_loss(name, embeddings, weight, labels, valid, geo, step, margin, target_subcenter, *, reduction,
+                ignore_index, subcenters, options, compiling) -> tuple[Tensor, Tensor]:
+    x_hat = F.normalize(embeddings.float(), dim=1, eps=NORM_EPS).contiguous()
+    targets = prepare_targets(geo, step.margins, margin)
+    hard = None if step.hard is None else step.hard.packed()
+    row_scale = valid.float()
+    if reduction == "mean":
+        row_scale = row_scale / valid.sum().clamp_min(1)
+    call = LossCall(float(margin.s), name, options, subcenters, int(ignore_index), reduce=reduction != "none",
+                    single_pass=_use_single_pass(name, weight, reduction, compiling, labels.shape[0], options),
+                    check=compiling)
+    args = (x_hat, weight.contiguous(), labels, *targets, row_scale, None, hard, target_subcenter)
+    if compiling:
+        loss, lse, _ = torch.ops.margin_kernels.margin_loss(*args, call.encode())
+    else:
+        loss, lse, _ = MarginLoss.apply(*args, call)
+    return loss, lse
+
+
+def reduce_penalty(penalty: Tensor, valid: Tensor, reduction: str) -> Tensor:
+    """A per-row penalty over the valid rows, reduced as the loss is."""
+    rows = torch.where(valid, penalty, torch.zeros_like(penalty))
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total / valid.sum().clamp_min(1) if reduction == "mean" else total
 
 
 def kernel_options(options: backends.KernelOptions | None, workspace_bytes: int | None) -> backends.KernelOptions:
@@ -210,19 +240,20 @@ def kernel_options(options: backends.KernelOptions | None, workspace_bytes: int 
     return options
 
 
-def _can_fuse(kernels, weight: Tensor, reduction: str, compiling: bool, batch: int, options) -> bool:
-    """The row-chunked single-pass shortcut: eager, reduced, weight gradient
+def _use_single_pass(name: str, weight: Tensor, reduction: str, compiling: bool, batch: int, options) -> bool:
+    """The backend's single-pass shortcut: eager, reduced, weight gradient
     wanted, a backend that has it, and ``options.single_pass`` (None: where the
     backend finds it faster at this size)."""
+    if compiling:
+        return False
+    kernels = backends.load(name)
     applies = (
-        not compiling
-        and reduction in ("mean", "sum")
+        reduction in ("mean", "sum")
         and torch.is_grad_enabled()
         and weight.requires_grad
         and weight.is_contiguous()
-        and kernels.supports_fused(weight)
+        and kernels.has_single_pass(weight)
     )
     if not applies or options.single_pass is False:
         return False
-    return options.single_pass or kernels.prefers_fused(weight, batch, options)
-
+    return options.single_pass or kernels.prefers_single_pass(weight, batch, options)

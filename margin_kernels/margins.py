@@ -4,15 +4,20 @@ Every margin is a choice of the per-row triple (m1, m2, m3) and the scale s:
 
     t_i = cos(m1_i * theta_i + m2_i) - m3_i,     theta_i = arccos(cos_target_i)
 
-A spec turns a batch into those per-row tensors (:meth:`Margin.row_margins`);
-:func:`target_logit` turns the target cosines into the target logit ``s * t``
-and its slope ``dt/dc``, which is all a fused kernel needs to know of the margin.
+plus, for some families, a rule for hard negatives and an extra loss term.
+A spec's :meth:`Margin.step` is the one hook every caller (the heads,
+``PartialFC``, the functional form, the benchmark) goes through: from a batch
+and the spec's running state it gives the per-row margins, the hard-negative
+rule (:class:`HardNegatives`), a per-row penalty and the state after the batch
+(:class:`MarginStep`). :func:`target_logit` turns the target cosines into the
+target logit ``s * t`` and its slope ``dt/dc``: with the hard-negative rule,
+all a fused kernel needs to know of the margin.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import KW_ONLY, dataclass
-from typing import ClassVar, Literal, NamedTuple
+from typing import Callable, ClassVar, Literal, Mapping, NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,6 +35,11 @@ __all__ = [
     "AdaFace",
     "MagFace",
     "CurricularFace",
+    "MVSoftmax",
+    "HardNegatives",
+    "StepBatch",
+    "MarginStep",
+    "FAMILIES",
     "target_logit",
 ]
 
@@ -56,6 +66,45 @@ class RowMargins(NamedTuple):
     m1: Tensor
     m2: Tensor
     m3: Tensor
+
+
+class HardNegatives(NamedTuple):
+    """The hard-negative rule per row, float64 tensors of shape [B]: a
+    non-target cosine c above ``threshold`` (strictly) counts as
+    m(c) = (a c + b) c + d, with derivative 2 a c + b; the others stay c.
+    ``threshold`` is +inf where nothing is hard (ignored rows). One rule, as
+    data, for every family that reweights its hard negatives:
+    CurricularFace (a = 1, b = t, d = 0) and MV-Softmax (a = 0, b = t, d = t - 1)."""
+
+    threshold: Tensor
+    a: Tensor
+    b: Tensor
+    d: Tensor
+
+    def packed(self) -> Tensor:
+        """The kernels' form: float32 [4, B] (threshold, a, b, d), contiguous."""
+        return torch.stack([v.detach().double() for v in self]).float().contiguous()
+
+
+class StepBatch(NamedTuple):
+    """What a spec's :meth:`Margin.step` sees of a batch."""
+
+    embeddings: Tensor  # [B, D] every row of the step (all ranks' under PartialFC), with autograd history
+    valid: Tensor  # [B] bool: rows whose label is not ignored
+    cos_target: Tensor  # [B] float64 cos(x_i, w_{y_i}), detached; 0 where ignored
+    sin_target: Tensor  # [B] float64 sin of the same angle, from the vectors
+    generator: torch.Generator | None = None  # source of random draws
+    # makes a random draw the same on every rank (rank 0's); the identity on one process
+    shared: Callable[[Tensor], Tensor] = lambda t: t
+
+
+class MarginStep(NamedTuple):
+    """What a spec gives the loss for one batch."""
+
+    margins: RowMargins  # per-row (m1, m2, m3), possibly with autograd history (MagFace)
+    hard: HardNegatives | None = None  # the hard-negative rule, or None
+    penalty: Tensor | None = None  # [B] a term added to each valid row's loss (MagFace's regularizer)
+    state: Mapping[str, Tensor] = {}  # the running state after this batch (what the caller commits)
 
 
 def _require(cond: bool, message: str) -> None:
@@ -100,6 +149,10 @@ class Margin:
 
     #: True for specs whose per-row margins depend on the target cosines.
     needs_target_cosine: ClassVar[bool] = False
+    #: Names of the running state the spec keeps between steps (the heads' buffers).
+    state_names: ClassVar[tuple[str, ...]] = ()
+    #: The family's short name (the benchmark's ``--margin``).
+    short_name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         _finite("s", self.s)
@@ -109,7 +162,72 @@ class Margin:
 
     def fixed_triple(self) -> tuple[float, float, float]:
         """(m1, m2, m3) of a fixed margin; elastic specs override row_margins."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} has no fixed margins: they depend on the batch (see step())")
+
+    # ------------------------------------------------------------------ the family hook
+
+    def initial_state(self, *, device: torch.device | str | None = None,
+                      dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """The running state at the start of training, 0-d tensors by name
+        (empty for a spec without state)."""
+        return {}
+
+    def check_state(self, state: Mapping[str, Tensor | float] | None, device: torch.device | str | None = None,
+                    dtype: torch.dtype = torch.float32) -> dict[str, Tensor] | None:
+        """``state`` as the step takes it: the spec's names, 0-d tensors (floats
+        are accepted) on ``device``, finite and in range; None stays None (the
+        step raises if it needs the state)."""
+        name = type(self).__name__
+        if state is None:
+            return None
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping of {name}'s state by name, got {type(state).__name__}")
+        _require(set(state) == set(self.state_names),
+                 f"state must hold {name}'s {list(self.state_names) or 'nothing'}, got {sorted(state)}")
+        out = {}
+        for key in self.state_names:
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+                raise TypeError(f"state[{key!r}] must be a float or a 0-d tensor, got {type(value).__name__}")
+            value = torch.as_tensor(value, dtype=dtype)
+            _require(value.numel() == 1, f"state[{key!r}] must be a scalar, got shape {tuple(value.shape)}")
+            out[key] = value.reshape(()).to(device=device, dtype=dtype)
+        self._check_state_values(out)
+        return out
+
+    def _needs(self, state: Mapping[str, Tensor] | None) -> Mapping[str, Tensor]:
+        """The state a step cannot do without."""
+        if state is None and self.state_names:
+            name = type(self).__name__
+            raise ValueError(f"{name} keeps a running state ({', '.join(self.state_names)}): use "
+                             f"margin_kernels.nn.{name} (which keeps it), or pass state= ({name}().initial_state() "
+                             f"at the start of training)")
+        return state or {}
+
+    def _check_state_values(self, state: dict[str, Tensor]) -> None:
+        """Range checks of a family's state (on CPU tensors only: reading a CUDA
+        value back would cost a host sync per step)."""
+
+    def step(self, batch: StepBatch, state: Mapping[str, Tensor] | None = None, *, update: bool = False,
+             margins: RowMargins | None = None) -> MarginStep:
+        """What this spec gives the loss for ``batch``: per-row margins, the
+        hard-negative rule, a per-row penalty, and ``state`` after the batch
+        (updated from it when ``update``, as in training; otherwise as given).
+
+        ``margins`` replays given per-row margins instead of the spec's (the
+        ``last_margins`` of a step): the rest of the step is the spec's.
+        """
+        if margins is None:
+            margins = self.row_margins(batch.cos_target.shape[0], device=batch.cos_target.device,
+                                       cos_target=batch.cos_target, valid=batch.valid, generator=batch.generator,
+                                       dtype=_margin_dtype(batch.embeddings))
+        return MarginStep(margins)
+
+    def target(self, cos_target: Tensor, margins: RowMargins, sin_target: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The target cosine after the margin and its slope per row
+        (:func:`target_logit` with this spec's rules)."""
+        return target_logit(cos_target, margins, overflow=self.overflow, easy_margin=self.easy_margin,
+                            detach_margin=self.detach_margin, sin_target=sin_target)
 
     def row_margins(
         self,
@@ -137,6 +255,8 @@ class Margin:
 class NormSoftmax(Margin):
     """Normalized softmax: cosine logits scaled by ``s``, no margin."""
 
+    short_name: ClassVar[str] = "normsoftmax"
+
     def fixed_triple(self) -> tuple[float, float, float]:
         return 1.0, 0.0, 0.0
 
@@ -144,6 +264,8 @@ class NormSoftmax(Margin):
 @dataclass(frozen=True)
 class CosFace(Margin):
     """CosFace / AM-Softmax: target logit ``s * (cos theta - m)``."""
+
+    short_name: ClassVar[str] = "cosface"
 
     m: float = 0.35
 
@@ -159,6 +281,8 @@ class CosFace(Margin):
 class ArcFace(Margin):
     """ArcFace: target logit ``s * cos(theta + m)``."""
 
+    short_name: ClassVar[str] = "arcface"
+
     m: float = 0.5
 
     def __post_init__(self) -> None:
@@ -172,6 +296,8 @@ class ArcFace(Margin):
 @dataclass(frozen=True)
 class SphereFace(Margin):
     """SphereFace-style multiplicative angular margin: ``s * cos(m * theta)``."""
+
+    short_name: ClassVar[str] = "sphereface"
 
     m: float = 1.5
 
@@ -187,6 +313,8 @@ class SphereFace(Margin):
 @dataclass(frozen=True)
 class CombinedMargin(Margin):
     """insightface's combined margin ``s * (cos(m1 theta + m2) - m3)``, all three applied."""
+
+    short_name: ClassVar[str] = "combined"
 
     m1: float = 1.0
     m2: float = 0.5
@@ -236,6 +364,12 @@ class _Elastic(Margin):
     def _place(self, m: Tensor) -> RowMargins:
         raise NotImplementedError
 
+    def step(self, batch, state=None, *, update=False, margins=None):
+        if margins is not None:
+            return MarginStep(margins)
+        drawn = super().step(batch, state).margins
+        return MarginStep(RowMargins(*batch.shared(torch.stack(list(drawn)).contiguous())))
+
     def row_margins(self, batch_size, *, device="cpu", cos_target=None, valid=None, generator=None,
                     dtype=torch.float32):
         m = self._draw(batch_size, device, generator, dtype)
@@ -244,6 +378,10 @@ class _Elastic(Margin):
                 raise ValueError(f"{type(self).__name__}(plus=True) needs cos_target to sort its margins")
             m = _sort_by_difficulty(m, cos_target, valid)
         return self._place(m)
+
+
+def _margin_dtype(embeddings: Tensor) -> torch.dtype:
+    return torch.float64 if embeddings.dtype == torch.float64 else torch.float32
 
 
 def _sort_by_difficulty(m: Tensor, cos_target: Tensor, valid: Tensor | None) -> Tensor:
@@ -265,6 +403,8 @@ def _sort_by_difficulty(m: Tensor, cos_target: Tensor, valid: Tensor | None) -> 
 class ElasticArcFace(_Elastic):
     """ElasticFace-Arc: ArcFace with m2 ~ N(m, std) per row (``plus``: sorted, std 0.0175)."""
 
+    short_name: ClassVar[str] = "elastic-arc"
+
     m: float = 0.5
     _default_std: ClassVar[tuple[float, float]] = (0.05, 0.0175)
     _range: ClassVar[tuple[float, float]] = ANGULAR_RANGE
@@ -277,6 +417,8 @@ class ElasticArcFace(_Elastic):
 @dataclass(frozen=True)
 class ElasticCosFace(_Elastic):
     """ElasticFace-Cos: CosFace with m3 ~ N(m, std) per row (``plus``: sorted, std 0.025)."""
+
+    short_name: ClassVar[str] = "elastic-cos"
 
     m: float = 0.35
     _default_std: ClassVar[tuple[float, float]] = (0.05, 0.025)
@@ -297,10 +439,12 @@ class AdaFace(Margin):
     detached, and its angle clipped into [1e-3, pi - 1e-3] (``overflow="clip"``).
     The running statistics are state: :class:`margin_kernels.nn.AdaFace` keeps
     them as buffers and updates them (``momentum``) with each training batch
-    before computing its margins; ``margins_from_norms`` gives the margins for
-    given statistics. Defaults are the official training's (m=0.4, h=0.333, s=64).
+    before computing its margins; the functional form takes them as
+    ``state={"batch_mean": ..., "batch_std": ...}``. Defaults are the official training's (m=0.4, h=0.333, s=64).
     See docs/DESIGN.md §1 for where we differ from the official code.
     """
+
+    short_name: ClassVar[str] = "adaface"
 
     m: float = 0.4
     h: float = 0.333
@@ -349,11 +493,31 @@ class AdaFace(Margin):
         r = ((norms - mean) / (std + self.STD_EPS) * self.h).clamp(-1.0, 1.0).to(norms.dtype)
         return RowMargins(torch.ones_like(r), -self.m * r, self.m + self.m * r)
 
-    def row_margins(self, batch_size, *, device="cpu", cos_target=None, valid=None, generator=None,
-                    dtype=torch.float32):
-        raise ValueError("AdaFace's margins depend on the embedding norms and running statistics: use "
-                         "margin_kernels.nn.AdaFace (which keeps them), or pass "
-                         "margins=AdaFace().margins_from_norms(norms, mean, std) to margin_cross_entropy")
+    state_names: ClassVar[tuple[str, ...]] = ("batch_mean", "batch_std")
+
+    def initial_state(self, *, device=None, dtype=torch.float32):
+        return {"batch_mean": torch.tensor(self.INITIAL_MEAN, device=device, dtype=dtype),
+                "batch_std": torch.tensor(self.INITIAL_STD, device=device, dtype=dtype)}
+
+    def _check_state_values(self, state):
+        for key, value in state.items():
+            if value.device.type == "cpu" and not torch.compiler.is_compiling():
+                _require(bool(torch.isfinite(value)) and (key == "batch_mean" or bool(value >= 0)),
+                         f"state[{key!r}] must be finite{'' if key == 'batch_mean' else ' and >= 0'}, "
+                         f"got {value.item()}")
+
+    def step(self, batch, state=None, *, update=False, margins=None):
+        """Margins from the rows' clipped norms and the running statistics,
+        updated first with the batch's valid rows when ``update``."""
+        if margins is not None:  # the statistics only set the margins
+            return MarginStep(margins, state=state or {})
+        state = self._needs(state)
+        mean, std = state["batch_mean"], state["batch_std"]
+        norms = self.clipped_norms(batch.embeddings)
+        if update:
+            with torch.no_grad():
+                mean, std = self.updated_statistics(mean, std, norms, batch.valid)
+        return MarginStep(self.margins_from_norms(norms, mean, std), state={"batch_mean": mean, "batch_std": std})
 
 
 @dataclass(frozen=True)
@@ -365,6 +529,8 @@ class MagFace(Margin):
     default here); ``easy_margin=False`` gives the classic rule.
     :class:`margin_kernels.nn.MagFace` computes both terms from the embeddings.
     """
+
+    short_name: ClassVar[str] = "magface"
 
     l_a: float = 10.0
     u_a: float = 110.0
@@ -398,11 +564,13 @@ class MagFace(Margin):
         """lambda_g g(a) per row."""
         return self.lambda_g * (a / self.u_a**2 + 1.0 / a)
 
-    def row_margins(self, batch_size, *, device="cpu", cos_target=None, valid=None, generator=None,
-                    dtype=torch.float32):
-        raise ValueError("MagFace's margins are a function of the embedding norms: use margin_kernels.nn.MagFace, or "
-                         "pass margins=MagFace().margins_from_magnitudes(MagFace().magnitudes(embeddings)) to "
-                         "margin_cross_entropy (and add the regularizer yourself)")
+    def step(self, batch, state=None, *, update=False, margins=None):
+        """m(a) per row and the regularizer as the penalty, both through a;
+        replayed ``margins`` come without the penalty (the caller's, then)."""
+        if margins is not None:
+            return MarginStep(margins)
+        a = self.magnitudes(batch.embeddings)
+        return MarginStep(self.margins_from_magnitudes(a), penalty=self.regularizer(a))
 
 
 @dataclass(frozen=True)
@@ -416,9 +584,11 @@ class CurricularFace(Margin):
     t <- momentum mean(cos theta_y) + (1 - momentum) t, starting at 0 and updated
     with each training batch before its modulation. The running t is state:
     :class:`margin_kernels.nn.CurricularFace` keeps it as a buffer; the
-    functional form takes it as ``curriculum_t``. Defaults are the official
+    functional form takes it as ``state={"t": t}``. Defaults are the official
     training's (m=0.5, s=64, momentum 0.01).
     """
+
+    short_name: ClassVar[str] = "curricular"
 
     m: float = 0.5
     momentum: float = 0.01
@@ -443,14 +613,98 @@ class CurricularFace(Margin):
         new_t = torch.where(count >= 1, self.momentum * batch_mean + (1 - self.momentum) * t, t)
         return new_t.to(t.dtype)
 
-    def hard_rule(self, cos_target: Tensor, sin_target: Tensor, t: Tensor, valid: Tensor) -> Tensor:
-        """[2, B] float64 (the kernels take it in float32): each row's threshold
-        c_m = cos(theta + m) = c cos m - sin(theta) sin m (+inf for ignored
-        rows: nothing is hard there), then t for every row."""
-        c, sin = cos_target.double(), sin_target.double()
+    state_names: ClassVar[tuple[str, ...]] = ("t",)
+
+    def initial_state(self, *, device=None, dtype=torch.float32):
+        return {"t": torch.tensor(self.INITIAL_T, device=device, dtype=dtype)}
+
+    def _check_state_values(self, state):
+        t = state["t"]
+        # A running mean of cosines. (A CUDA tensor is not read back: that
+        # would cost a host sync per step.)
+        if t.device.type == "cpu" and not torch.compiler.is_compiling():
+            _require(bool(t.abs() <= 1), f"state['t'] must be finite and in [-1, 1] (a running mean of target "
+                                         f"cosines), got {t.item()}")
+
+    def step(self, batch, state=None, *, update=False, margins=None):
+        """ArcFace's margins, and the hard negatives above cos(theta_y + m)
+        weighted by t (updated first with the batch when ``update``)."""
+        t = self._needs(state)["t"]
+        if update:
+            t = self.updated_t(t, batch.cos_target.to(t.dtype), batch.valid)
+        if margins is None:
+            margins = super().step(batch, state).margins
+        c, sin = batch.cos_target.double(), batch.sin_target.double()
         threshold = c * math.cos(self.m) - sin * math.sin(self.m)
-        threshold = torch.where(valid, threshold, torch.full_like(threshold, math.inf))
-        return torch.stack([threshold, t.detach().double().expand_as(threshold)]).contiguous()
+        t_row = t.detach().double().expand_as(c)
+        hard = HardNegatives(_only_valid(threshold, batch.valid), torch.ones_like(c), t_row, torch.zeros_like(c))
+        return MarginStep(margins, hard=hard, state={"t": t})
+
+
+@dataclass(frozen=True)
+class MVSoftmax(Margin):
+    """MV-Softmax (Wang et al., AAAI 2020, "Mis-classified Vector Guided
+    Softmax Loss"): a CosFace (``form="am"``) or ArcFace (``form="arc"``)
+    target, and every negative whose cosine c exceeds the row's margined
+    target cosine (c_y - m, or cos(theta_y + m); the plain formula, strict >)
+    counts as t c + t - 1 (derivative t; t = 1 is the plain margin loss).
+
+    Conventions of the public FaceX-Zoo head, which trains it (s = 32, m = 0.35,
+    t = 1.12): the AM target falls back to c_y where c_y <= m, the Arc target
+    to c_y where c_y <= 0 (the easy margin). The hard negatives' threshold is
+    the margined cosine without those fallbacks, as theirs.
+    """
+
+    short_name: ClassVar[str] = "mv"
+
+    s: float = 32.0
+    m: float = 0.35
+    t: float = 1.12
+    _: KW_ONLY
+    form: Literal["am", "arc"] = "am"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.form in ("am", "arc"), f"form must be 'am' or 'arc', got {self.form!r}")
+        if self.form == "am":
+            _margin_range(self, "m", self.m, ADDITIVE_RANGE, "an additive cosine margin")
+        else:
+            _margin_range(self, "m", self.m, ANGULAR_RANGE, "an additive angular margin")
+        _finite("t", self.t)
+        _require(self.t >= 1, f"t must be >= 1 (t = 1: no reweighting), got {self.t}")
+
+    def fixed_triple(self) -> tuple[float, float, float]:
+        return (1.0, 0.0, float(self.m)) if self.form == "am" else (1.0, float(self.m), 0.0)
+
+    def target(self, cos_target, margins, sin_target=None):
+        t, slope = super().target(cos_target, margins, sin_target)
+        # the margin only where c_y > m (AM) or c_y > 0 (Arc), as FaceX-Zoo's head
+        c = cos_target.to(t.dtype).clamp(-1.0, 1.0)
+        keep = c > (self.m if self.form == "am" else 0.0)
+        t = torch.where(keep, t, c)
+        return t, torch.where(keep, slope, torch.ones_like(slope))
+
+    def step(self, batch, state=None, *, update=False, margins=None):
+        if margins is None:
+            margins = super().step(batch, state).margins
+        c, sin = batch.cos_target.double(), batch.sin_target.double()
+        if self.form == "am":
+            threshold = c - self.m
+        else:
+            threshold = c * math.cos(self.m) - sin * math.sin(self.m)
+        t = torch.full_like(c, float(self.t))
+        hard = HardNegatives(_only_valid(threshold, batch.valid), torch.zeros_like(c), t, t - 1.0)
+        return MarginStep(margins, hard=hard)
+
+
+#: Every margin family, in the order of the README's table.
+FAMILIES: tuple[type[Margin], ...] = (NormSoftmax, CosFace, ArcFace, SphereFace, CombinedMargin, ElasticArcFace,
+                                      ElasticCosFace, AdaFace, MagFace, CurricularFace, MVSoftmax)
+
+
+def _only_valid(threshold: Tensor, valid: Tensor) -> Tensor:
+    """+inf (nothing is hard) on ignored rows."""
+    return torch.where(valid, threshold, torch.full_like(threshold, math.inf))
 
 
 def target_logit(

@@ -28,12 +28,12 @@ from torch import Tensor, nn
 
 from . import _shard_io, backends
 from ._checks import FUSED_DTYPES, bad_values, check_batch, check_subcenters, check_values
-from ._shard_loss import ShardedLoss
+from ._loss_function import LossCall, MarginLoss
 from ._state import EXTRA_STATE, check_loaded_layout, generators_kept_on_error, layout_state
-from ._sharding import Group, class_split
+from ._sharding import Group, Shard, class_split
 from ._targets import geometry, prepare_targets, target_rows
-from .functional import kernel_options
-from .margins import NORM_EPS, AdaFace, CombinedMargin, CurricularFace, MagFace, Margin, RowMargins
+from .functional import kernel_options, reduce_penalty
+from .margins import NORM_EPS, CombinedMargin, Margin, StepBatch
 
 __all__ = ["PartialFC", "class_split", "sample_count"]
 
@@ -47,22 +47,6 @@ def sample_count(num_local: int, sample_rate: float, global_batch: int, rounding
     max(int(rate x num_local), positives)."""
     wanted = math.ceil(sample_rate * num_local) if rounding == "ceil" else int(sample_rate * num_local)
     return min(num_local, max(wanted, global_batch))
-
-
-class _GatherRows(torch.autograd.Function):
-    """All-gather with autograd: backward sums every rank's share of the gradient
-    of the gathered rows and keeps this rank's rows (a reduce-scatter)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, group: Group, sizes: list[int]) -> Tensor:
-        ctx.group, ctx.sizes = group, sizes
-        return group.all_gather_rows(x, sizes)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        grad = ctx.group.all_reduce(grad.contiguous().clone())
-        start = sum(ctx.sizes[: ctx.group.rank])
-        return grad[start : start + ctx.sizes[ctx.group.rank]], None, None
 
 
 class PartialFC(nn.Module):
@@ -158,11 +142,9 @@ class PartialFC(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.num_local * subcenters, embedding_size, device=device)
                                    .normal_(0.0, 0.01, generator=generator).to(dtype))
         self.last_sampled_index = None
-        if isinstance(margin, AdaFace):  # statistics of the global batch: the same on every rank
-            self.register_buffer("batch_mean", torch.tensor(margin.INITIAL_MEAN, device=device))
-            self.register_buffer("batch_std", torch.tensor(margin.INITIAL_STD, device=device))
-        if isinstance(margin, CurricularFace):  # t of the global batch: the same on every rank
-            self.register_buffer("t", torch.tensor(margin.INITIAL_T, device=device))
+        # the margin's running state, from the global batch: the same on every rank
+        for name, value in margin.initial_state(device=device).items():
+            self.register_buffer(name, value)
         self.register_load_state_dict_pre_hook(_slice_full_weight)
 
     def _check_same_configuration(self, embedding_size, num_classes, margin, sample_rate, dtype, sample_rounding,
@@ -249,7 +231,7 @@ class PartialFC(nn.Module):
     def _step(self, embeddings: Tensor, labels: Tensor, sizes: list[int]) -> tuple[Tensor, dict, Tensor | None]:
         """(loss, the margin's updated state by buffer name, the sampled index)."""
         group = self._group
-        x = _GatherRows.apply(embeddings, group, sizes)
+        x = group.gather_rows_with_grad(embeddings, sizes)
         y = group.all_gather_rows(labels.long(), sizes)
         valid = y >= 0  # -1 and ignore_index-style negatives are ignored rows
         safe_y = torch.where(valid, y, torch.zeros_like(y))
@@ -258,7 +240,6 @@ class PartialFC(nn.Module):
         local = valid & (safe_y >= self.class_start) & (safe_y < self.class_start + self.num_local)
         rows_local = torch.where(local, safe_y - self.class_start, torch.full_like(y, -1))
 
-        state: dict[str, Tensor] = {}
         with torch.no_grad():
             # Each row's owner knows its target geometry (a gather of every row's
             # clamped class, masked: no host sync); cos and sin are summed over
@@ -271,21 +252,12 @@ class PartialFC(nn.Module):
                 geo = geometry(x, torch.ones_like(x), mask=torch.zeros_like(valid))
             cos_sin = group.all_reduce(torch.stack([geo.cos, geo.sin]))
             geo = geo._replace(cos=cos_sin[0], sin=cos_sin[1])
-            if isinstance(self.margin, AdaFace):
-                margins = self._adaface_margins(x, valid, state)
-            elif not isinstance(self.margin, MagFace):
-                margins = self._row_margins(geo.cos, valid)
-            hard = None
-            if isinstance(self.margin, CurricularFace):
-                t = self.t
-                if self.training:
-                    t = state["t"] = self.margin.updated_t(self.t, geo.cos.to(self.t.dtype), valid)
-                hard = self.margin.hard_rule(geo.cos, geo.sin, t, valid).float()
-        magnitudes = None
-        if isinstance(self.margin, MagFace):  # margins with their gradient, through the gathered embeddings
-            magnitudes = self.margin.magnitudes(x)
-            margins = self.margin.margins_from_magnitudes(magnitudes)
-        targets = prepare_targets(geo, margins, self.margin)
+        # The margin's step sees the whole global batch, so its state (updated in
+        # training) is the same on every rank; its random draws are rank 0's.
+        state = {name: getattr(self, name) for name in self.margin.state_names} or None
+        batch = StepBatch(x, valid, geo.cos, geo.sin, self.generator, shared=group.broadcast)
+        step = self.margin.step(batch, state, update=self.training)
+        targets = prepare_targets(geo, step.margins, self.margin)
 
         class_index, labels_local = None, rows_local
         if self.sample_rate < 1.0:
@@ -293,19 +265,19 @@ class PartialFC(nn.Module):
             if self.subcenters > 1:  # each sampled class's rows
                 class_index = (class_index[:, None] * self.subcenters
                                + torch.arange(self.subcenters, device=class_index.device)).flatten()
-        kernels = backends.load(backends.resolve(self.backend, x.device) if self.backend == "auto" else self.backend)
-        loss, _ = ShardedLoss.apply(
-            x_hat.contiguous(), self.weight, labels_local, *targets, valid, class_index, hard, target_subcenter,
-            self.subcenters, float(self.margin.s), kernels, group, self.options.resolved(),
-        )
-        if magnitudes is not None:
-            # MagFace's regularizer over the global batch: every rank computes the
-            # same value from the gathered rows; each passes 1/world of its
-            # gradient, so the sum over ranks in the gather's backward counts it once.
-            reg = torch.where(valid, self.margin.regularizer(magnitudes), torch.zeros_like(magnitudes)).sum()
-            reg = reg / valid.sum().clamp_min(1)
+        call = LossCall(float(self.margin.s), backends.resolve(self.backend, x.device), self.options.resolved(),
+                        self.subcenters, ignore_index=-1, group=group)
+        row_scale = valid.float() / valid.sum().clamp_min(1)
+        hard = None if step.hard is None else step.hard.packed()
+        loss, _, _ = MarginLoss.apply(x_hat.contiguous(), self.weight, labels_local, *targets, row_scale, class_index,
+                                      hard, target_subcenter, call)
+        if step.penalty is not None:
+            # A penalty over the global batch (the margin's extra term): every rank
+            # computes the same value from the gathered rows; each passes 1/world
+            # of its gradient, so the sum over ranks in the gather's backward counts it once.
+            reg = reduce_penalty(step.penalty, valid, "mean")
             loss = loss + (reg / group.size + (reg - reg / group.size).detach()).to(loss.dtype)
-        return loss, state, class_index
+        return loss, (dict(step.state) if self.training else {}), class_index
 
     def _checked_sizes(self, embeddings: Tensor, labels: Tensor) -> list[int]:
         """Validate this rank's input, agree on it with every rank (so a bad input
@@ -345,24 +317,6 @@ class PartialFC(nn.Module):
             raise ValueError(f"PartialFC: invalid input on rank(s) {bad}{here}")
         return [row[0] for row in table]
 
-    def _adaface_margins(self, x: Tensor, valid: Tensor, state: dict[str, Tensor]) -> RowMargins:
-        """AdaFace's margins from the gathered batch: every rank sees the same
-        rows, so the statistics (updated in training, into ``state``) are
-        global and equal."""
-        norms = self.margin.clipped_norms(x)
-        mean, std = self.batch_mean, self.batch_std
-        if self.training:
-            mean, std = state["batch_mean"], state["batch_std"] = self.margin.updated_statistics(mean, std, norms,
-                                                                                                 valid)
-        return self.margin.margins_from_norms(norms, mean, std)
-
-    def _row_margins(self, cos_y: Tensor, valid: Tensor) -> RowMargins:
-        """The same per-row margins on every rank: rank 0 draws, then broadcasts."""
-        m = self.margin.row_margins(cos_y.shape[0], device=cos_y.device, cos_target=cos_y, valid=valid,
-                                    generator=self.generator)
-        packed = self._group.broadcast(torch.stack(list(m)).contiguous())
-        return RowMargins(*packed)
-
     def _sample(self, rows_local: Tensor, global_batch: int) -> tuple[Tensor, Tensor]:
         """Every positive class of the global batch on this shard, plus uniform
         negatives; labels become positions in the sorted index. Drawn on the
@@ -382,10 +336,10 @@ class PartialFC(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # A collective when distributed: every rank must call state_dict().
         if self._group.distributed:
-            destination[prefix + "weight"] = _shard_io.gather_full(self)
+            destination[prefix + "weight"] = _shard_io.gather_full(self.shard)
         else:
             destination[prefix + "weight"] = self.weight if keep_vars else self.weight.detach()
-        for name, buf in self._buffers.items():  # the margin's state (AdaFace's statistics...), equal on every rank
+        for name, buf in self._buffers.items():  # the margin's running state, equal on every rank
             if buf is not None:
                 destination[prefix + name] = buf if keep_vars else buf.detach()
         destination[prefix + EXTRA_STATE] = self.get_extra_state()
@@ -397,12 +351,18 @@ class PartialFC(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         pass  # checked by _slice_full_weight before anything was copied
 
+    @property
+    def shard(self) -> Shard:
+        """What this rank holds: its class block, weight and the margin's state."""
+        return Shard(self._group, self.num_classes, self.embedding_size, self.subcenters, self.class_start,
+                     self.num_local, self.weight, dict(self.named_buffers(recurse=False)), self.get_extra_state())
+
     def full_weight(self, dst: int = 0) -> Tensor | None:
         """The full [C, D] class matrix on rank ``dst`` (None elsewhere), in host
         memory, for export. A collective: every rank must call it."""
         if not self._group.distributed:
             return self.weight.detach().clone()
-        return _shard_io.gather_full(self, dst=dst)
+        return _shard_io.gather_full(self.shard, dst=dst)
 
     def save_sharded(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Write a checkpoint directory with one file per rank: this rank's
@@ -413,13 +373,13 @@ class PartialFC(nn.Module):
         scales to any class count; ``load_sharded`` reads it back at any world
         size. A collective; ``path`` must be on a file system every rank sees.
         """
-        _shard_io.save_sharded(self, path, optimizer)
+        _shard_io.save_sharded(self.shard, path, optimizer)
 
     def load_sharded(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Load a ``save_sharded`` directory written at any world size: this rank
         memory-maps only the files that overlap its classes. With ``optimizer``,
         the weight's state there is replaced by the checkpoint's."""
-        _shard_io.load_sharded(self, path, optimizer)
+        _shard_io.load_sharded(self.shard, path, optimizer)
 
     def extra_repr(self) -> str:
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, "

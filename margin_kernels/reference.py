@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .margins import (CLIP_EPS, NORM_EPS, AdaFace, ArcFace, CombinedMargin, CosFace, CurricularFace, ElasticArcFace,
-                      ElasticCosFace, MagFace, Margin, NormSoftmax, RowMargins, SphereFace)
+                      ElasticCosFace, MagFace, Margin, MVSoftmax, NormSoftmax, RowMargins, SphereFace)
 
 
 def _margin_target(c: Tensor, x_hat: Tensor, w_hat_y: Tensor, margins: RowMargins, overflow: str,
@@ -55,18 +55,22 @@ def margin_cross_entropy(
     ignore_index: int = -100,
     margins: RowMargins | None = None,
     generator: torch.Generator | None = None,
-    curriculum_t: Tensor | float | None = None,
+    state: dict[str, Tensor] | None = None,
     subcenters: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Loss (reduced as asked) and per-row logsumexp, the naive way, from the
     raw inputs and the spec's numbers alone: nothing here is computed by the
     code it judges.
 
-    ``margins``: per-row (m1, m2, m3) given by the caller (AdaFace's and
-    MagFace's, or a replayed step); otherwise the spec's fixed triple, or
-    elastic draws from ``generator`` (sorted here for ``plus``).
-    ``curriculum_t``: CurricularFace's t; a non-target cosine above its row's
-    cos(theta_y + m) counts as c (t + c), t a constant. ``subcenters`` (K):
+    ``margins``: per-row (m1, m2, m3) given by the caller (a replayed step);
+    otherwise the spec's fixed triple, elastic draws from ``generator``
+    (sorted here for ``plus``), AdaFace's from the norms and ``state``
+    (``batch_mean``, ``batch_std``), or MagFace's from the magnitudes (with its
+    regularizer added, as only then). ``state["t"]``: CurricularFace's t; a
+    non-target cosine above its row's cos(theta_y + m) counts as c (t + c), t a
+    constant. MV-Softmax: one above the margined target cosine counts as
+    t c + t - 1, and the target falls back to c_y where c_y <= m (AM) or
+    c_y <= 0 (Arc). ``subcenters`` (K):
     ``weight`` is [C*K, D], class c's sub-centers at rows c*K ... c*K + K - 1,
     and a class's cosine is the max over them (its gradient to the arg-max, the
     first of ties)."""
@@ -91,32 +95,49 @@ def margin_cross_entropy(
     x_64 = F.normalize(x.double(), dim=1, eps=NORM_EPS)
     w_64 = F.normalize(w.index_select(0, target_rows).double(), dim=1, eps=NORM_EPS)
     c_64 = (x_64 * w_64).sum(1)
+    penalty = None
     if margins is None:
-        margins = _spec_margins(margin, c_64.detach(), valid, generator)
+        margins, penalty = _spec_margins(margin, c_64.detach(), valid, generator, x, state)
     target = _margin_target(c_64, x_64, w_64, margins, margin.overflow, margin.easy_margin, margin.detach_margin)
+    if isinstance(margin, MVSoftmax):  # the margin only where c_y > m (AM) or c_y > 0 (Arc)
+        c = c_64.clamp(-1.0, 1.0)
+        target = torch.where(c > (margin.m if margin.form == "am" else 0.0), target, c)
     target = target.to(compute)
-    if isinstance(margin, CurricularFace):
-        if curriculum_t is None:
-            raise ValueError("the reference needs CurricularFace's t (curriculum_t)")
-        with torch.no_grad():  # the threshold cos(theta_y + m) = c cos m - sin(theta_y) sin m
+    if isinstance(margin, (CurricularFace, MVSoftmax)):
+        with torch.no_grad():  # cos(theta_y + m) = c cos m - sin(theta_y) sin m, or c - m (AM)
             c = c_64.clamp(-1.0, 1.0)
             sin = torch.linalg.vector_norm(w_64 - c[:, None] * x_64, dim=1)
-            threshold = torch.where(valid, c * math.cos(margin.m) - sin * math.sin(margin.m), math.inf)
-        t = torch.as_tensor(curriculum_t, dtype=torch.float64).detach().to(compute)
-        cos = torch.where(cos > threshold.to(compute)[:, None], cos * (t + cos), cos)
+            if isinstance(margin, MVSoftmax) and margin.form == "am":
+                threshold = c - margin.m
+            else:
+                threshold = c * math.cos(margin.m) - sin * math.sin(margin.m)
+            threshold = torch.where(valid, threshold, math.inf).to(compute)[:, None]
+        if isinstance(margin, CurricularFace):
+            if state is None or "t" not in state:
+                raise ValueError("the reference needs CurricularFace's t (state={'t': ...})")
+            t = torch.as_tensor(state["t"], dtype=torch.float64).detach().to(compute)
+            cos = torch.where(cos > threshold, cos * (t + cos), cos)
+        else:
+            cos = torch.where(cos > threshold, margin.t * cos + margin.t - 1.0, cos)
     onehot = F.one_hot(safe_labels, cos.shape[1]).bool() & valid[:, None]
     logits = torch.where(onehot, (margin.s * target)[:, None], margin.s * cos)
 
     lse = torch.logsumexp(logits, dim=1)
     rows = torch.where(valid, lse - margin.s * target, torch.zeros_like(lse))
+    if penalty is not None:
+        rows = rows + torch.where(valid, penalty.to(compute), torch.zeros_like(rows))
     return reduce_rows(rows, valid, reduction), lse.detach()
 
 
-def _spec_margins(margin: Margin, cos_target: Tensor, valid: Tensor, generator: torch.Generator | None) -> RowMargins:
-    """Per-row (m1, m2, m3) from the spec's numbers, float64: its fixed triple,
-    or elastic draws (float32 values: N(m, std) from ``generator``), sorted
-    for ``plus`` so that the valid row with the lowest target cosine gets the
-    largest margin (ties in row order)."""
+def _spec_margins(margin: Margin, cos_target: Tensor, valid: Tensor, generator: torch.Generator | None, x: Tensor,
+                  state: dict[str, Tensor] | None) -> tuple[RowMargins, Tensor | None]:
+    """Per-row (m1, m2, m3) from the spec's numbers, float64, and a per-row
+    penalty (MagFace's regularizer) or None: the fixed triple, elastic draws
+    (float32 values: N(m, std) from ``generator``), sorted for ``plus`` so that
+    the valid row with the lowest target cosine gets the largest margin (ties
+    in row order), AdaFace's from the detached norms of ``x`` and the
+    statistics in ``state``, MagFace's from the magnitudes of ``x`` (with
+    their gradient)."""
     b, device = cos_target.shape[0], cos_target.device
     full = lambda v: torch.full((b,), float(v), dtype=torch.float64, device=device)  # noqa: E731
     if isinstance(margin, (ElasticArcFace, ElasticCosFace)):
@@ -131,23 +152,31 @@ def _spec_margins(margin: Margin, cos_target: Tensor, valid: Tensor, generator: 
             m = m.clone()
             m[rows[order]] = torch.sort(m[rows]).values
         zero, one = torch.zeros_like(m), torch.ones_like(m)
-        return RowMargins(one, m, zero) if isinstance(margin, ElasticArcFace) else RowMargins(one, zero, m)
-    if isinstance(margin, (AdaFace, MagFace)):
-        raise ValueError(f"the reference takes {type(margin).__name__}'s margins as margins= (they depend on the "
-                         "embedding norms)")
+        return (RowMargins(one, m, zero) if isinstance(margin, ElasticArcFace) else RowMargins(one, zero, m)), None
+    if isinstance(margin, AdaFace):
+        if state is None:
+            raise ValueError("the reference needs AdaFace's statistics (state={'batch_mean': ..., 'batch_std': ...})")
+        norms = torch.linalg.vector_norm(x.detach().double(), dim=1).clamp(0.001, 100.0)
+        mean, std = (torch.as_tensor(state[k], dtype=torch.float64).to(device) for k in ("batch_mean", "batch_std"))
+        r = ((norms - mean) / (std + 1e-3) * margin.h).clamp(-1.0, 1.0)
+        return RowMargins(torch.ones_like(r), -margin.m * r, margin.m + margin.m * r), None
+    if isinstance(margin, MagFace):
+        a = torch.linalg.vector_norm(x.double(), dim=1).clamp(margin.l_a, margin.u_a)
+        m = margin.l_m + (margin.u_m - margin.l_m) * (a - margin.l_a) / (margin.u_a - margin.l_a)
+        return RowMargins(torch.ones_like(m), m, torch.zeros_like(m)), margin.lambda_g * (a / margin.u_a**2 + 1.0 / a)
     if isinstance(margin, CombinedMargin):
         m1, m2, m3 = margin.m1, margin.m2, margin.m3
     elif isinstance(margin, SphereFace):
         m1, m2, m3 = margin.m, 0.0, 0.0
-    elif isinstance(margin, CosFace):
+    elif isinstance(margin, CosFace) or (isinstance(margin, MVSoftmax) and margin.form == "am"):
         m1, m2, m3 = 1.0, 0.0, margin.m
-    elif isinstance(margin, (ArcFace, CurricularFace)):
+    elif isinstance(margin, (ArcFace, CurricularFace, MVSoftmax)):
         m1, m2, m3 = 1.0, margin.m, 0.0
     elif isinstance(margin, NormSoftmax):
         m1, m2, m3 = 1.0, 0.0, 0.0
     else:
         raise TypeError(f"the reference does not know the margin {type(margin).__name__}")
-    return RowMargins(full(m1), full(m2), full(m3))
+    return RowMargins(full(m1), full(m2), full(m3)), None
 
 
 def _class_cosines(cos: Tensor, subcenters: int) -> Tensor:
@@ -279,4 +308,34 @@ def subcenter_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, subcen
     onehot = F.one_hot(safe, cos.shape[1]).bool() & valid[:, None]
     logits = torch.where(onehot, (s * target)[:, None], s * cos)
     rows = torch.where(valid, torch.logsumexp(logits, dim=1) - s * target, torch.zeros_like(target))
+    return reduce_rows(rows, valid, reduction)
+
+
+def mv_softmax_loss(embeddings: Tensor, weight: Tensor, labels: Tensor, *, s: float = 32.0, m: float = 0.35,
+                    t: float = 1.12, form: str = "am", reduction: str = "mean", ignore_index: int = -100,
+                    subcenters: int = 1) -> Tensor:
+    """MV-Softmax written from the paper (Wang et al., AAAI 2020) with the
+    conventions of FaceX-Zoo's head, the naive way: the full B x C cosines (the
+    max over K sub-centers with ``subcenters``); the target cosine c_y margined
+    as c_y - m where c_y > m (AM) or cos(theta_y + m) by c_y cos m - sin_y sin m
+    where c_y > 0 (Arc), else c_y; every other cosine above the margined one
+    (without the fallback) becomes t cos + t - 1."""
+    compute = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
+    x_hat = F.normalize(embeddings.to(compute), dim=1, eps=NORM_EPS)
+    cos = _class_cosines(x_hat @ F.normalize(weight.to(compute), dim=1, eps=NORM_EPS).t(), subcenters)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    gt = cos.gather(1, safe[:, None])
+    if form == "am":
+        margined = gt - m
+        final = torch.where(gt > m, margined, gt)
+    else:
+        sin = torch.sqrt((1.0 - gt**2).clamp_min(0.0))
+        margined = gt * math.cos(m) - sin * math.sin(m)
+        final = torch.where(gt > 0.0, margined, gt)
+    hard = (cos > margined) & valid[:, None]
+    logits = torch.where(hard, t * cos + t - 1.0, cos)
+    onehot = F.one_hot(safe, cos.shape[1]).bool() & valid[:, None]
+    logits = s * torch.where(onehot, final, logits)
+    rows = torch.where(valid, torch.logsumexp(logits, dim=1) - s * final.squeeze(1), torch.zeros_like(gt.squeeze(1)))
     return reduce_rows(rows, valid, reduction)

@@ -65,7 +65,7 @@ def test_cpp_gemms_follow_the_path_cpp_takes(classes, monkeypatch):
     real_mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda a, b, **kw: shapes.append((tuple(a.shape), tuple(b.shape))) or real_mm(a, b, **kw))
     bench.make_step("cpp-gemms", "arcface", x, w, torch.zeros(b, dtype=torch.long))()
-    fused = backends.load("cpp").prefers_fused(w, b, backends.KernelOptions().resolved())
+    fused = backends.load("cpp").prefers_single_pass(w, b, backends.KernelOptions().resolved())
     assert fused == (classes == 300)
     if fused:
         assert shapes[0] == ((b, 8), (8, classes))
@@ -132,11 +132,11 @@ def test_warm_up_takes_both_paths(margin, monkeypatch):
     from margin_kernels.bench import worker
 
     calls = []
-    for name in ("fused_forward_backward", "lse_backward"):
+    for name in ("single_pass", "lse_backward"):
         real = getattr(cpp, name)
         monkeypatch.setattr(cpp, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     monkeypatch.delenv("MARGIN_KERNELS_SINGLE_PASS", raising=False)
     worker._warm_up(worker.Case("cpp", 8, 16, 100, "float32", margin, "cpu", 1, 0), torch.float32,
                     torch.device("cpu"))
-    assert "fused_forward_backward" in calls and "lse_backward" in calls
+    assert "single_pass" in calls and "lse_backward" in calls
     assert "MARGIN_KERNELS_SINGLE_PASS" not in os.environ

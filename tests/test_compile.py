@@ -46,9 +46,12 @@ def test_meta_device_plans_shapes():
     x = torch.empty(4096, 512, device="meta")
     w = torch.empty(1_000_000, 512, device="meta")
     y = torch.empty(4096, dtype=torch.long, device="meta")
-    rows, lse, w_inv = torch.ops.margin_kernels.margin_ce_rows(
+    from margin_kernels._loss_function import LossCall
+
+    call = LossCall(64.0, "cpp", mk.KernelOptions().resolved(), reduce=False)
+    rows, lse, w_inv = torch.ops.margin_kernels.margin_loss(
         x, w, y, torch.empty(4096, device="meta"), torch.empty(4096, 512, device="meta"),
-        torch.empty(4096, 512, device="meta"), None, None, 1, 64.0, -100, "cpp", 2**26, "atomic", False, False
+        torch.empty(4096, 512, device="meta"), torch.empty(4096, device="meta"), None, None, None, call.encode()
     )
     assert rows.shape == (4096,) and lse.shape == (4096,) and w_inv.shape == (1_000_000,)
 
@@ -62,7 +65,7 @@ def _grads(fn, x, w):
 
 
 @pytest.mark.parametrize("margin, kwargs", [
-    (mk.CombinedMargin(m1=1.1, m2=0.3, m3=0.1), {}), (mk.CurricularFace(), dict(curriculum_t=0.2)),
+    (mk.CombinedMargin(m1=1.1, m2=0.3, m3=0.1), {}), (mk.CurricularFace(), dict(state={"t": 0.2})),
     (mk.ArcFace(), dict(subcenters=3)), (mk.CosFace(easy_margin=True), {}),
 ], ids=["combined", "curricular", "subcenters", "cosface-easy"])
 def test_compiled_matches_the_reference(margin, kwargs):

@@ -27,8 +27,8 @@ def path(request, monkeypatch):
 @pytest.mark.parametrize("reduction, expect_fused", [("mean", True), ("sum", True), ("none", False)])
 def test_path_fixture_reaches_the_kernel_it_names(reduction, expect_fused, path, monkeypatch):
     calls = []
-    real = cpp_backend.fused_forward_backward
-    monkeypatch.setattr(cpp_backend, "fused_forward_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cpp_backend.single_pass
+    monkeypatch.setattr(cpp_backend, "single_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, w, y = make_problem(9, 8, 50)
     loss_and_grads(x, w, y, mk.ArcFace(), backend="cpp", reduction=reduction, workspace_bytes=SMALL_WORKSPACE)
     assert bool(calls) == (expect_fused and path == "fused")

@@ -75,7 +75,7 @@ def test_the_generic_reference_agrees_with_the_paper():
     ref.backward()
     assert abs(t.item() - t_ref.item()) < 1e-7
     xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    loss = mk.margin_cross_entropy(xg, wg, y, SPEC, backend="reference", curriculum_t=t)
+    loss = mk.margin_cross_entropy(xg, wg, y, SPEC, backend="reference", state={"t": t})
     loss.backward()
     assert rel_err(loss.detach(), ref.detach()) < 1e-6
     assert rel_err(xg.grad, xr.grad) < 1e-5 and rel_err(wg.grad, wr.grad) < 1e-5
@@ -84,7 +84,7 @@ def test_the_generic_reference_agrees_with_the_paper():
 def test_the_modulation_is_not_a_no_op():
     """Without it the loss would be ArcFace's: the tests above can fail."""
     x, w, y = PROBLEMS[0]
-    curricular = mk.margin_cross_entropy(x, w, y, SPEC, backend="cpp", curriculum_t=T)
+    curricular = mk.margin_cross_entropy(x, w, y, SPEC, backend="cpp", state={"t": T})
     arcface = mk.margin_cross_entropy(x, w, y, mk.ArcFace(), backend="cpp")
     assert abs(curricular.item() - arcface.item()) > 1e-2
 
@@ -104,7 +104,7 @@ def test_backends_equal_the_reference(backend, reduction, case, single_pass):
     dev = backend_device(backend)
     xf, wf = x.to(dev).clone().requires_grad_(True), w.to(dev).clone().requires_grad_(True)
     loss = mk.margin_cross_entropy(xf, wf, y.to(dev), SPEC, backend=backend, reduction=reduction,
-                                   curriculum_t=t.float().to(dev), options=mk.KernelOptions(single_pass=single_pass))
+                                   state={"t": t.float().to(dev)}, options=mk.KernelOptions(single_pass=single_pass))
     (loss * upstream.float().to(dev)).sum().backward()
     assert rel_err(loss.detach().cpu(), ref.detach()) < 1e-5
     assert rel_err(xf.grad.cpu(), xr.grad) < 1e-5
@@ -117,17 +117,17 @@ def test_the_single_pass_shortcut_takes_the_hard_rule(monkeypatch):
     from margin_kernels.backends import cpp
 
     calls = []
-    real = cpp.fused_forward_backward
-    monkeypatch.setattr(cpp, "fused_forward_backward", lambda *a, **k: calls.append(k["hard"]) or real(*a, **k))
+    real = cpp.single_pass
+    monkeypatch.setattr(cpp, "single_pass", lambda *a, **k: calls.append(k["hard"]) or real(*a, **k))
     x, w, y = PROBLEMS[0]
     xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
     ref, t = reference.curricularface_loss(xr, wr, y, T.double())
     ref.backward()
     xf, wf = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     options = mk.KernelOptions(single_pass=True, workspace_bytes=4 * 41 * 5)  # 5 rows per chunk
-    loss = mk.margin_cross_entropy(xf, wf, y, SPEC, backend="cpp", curriculum_t=t.float(), options=options)
+    loss = mk.margin_cross_entropy(xf, wf, y, SPEC, backend="cpp", state={"t": t.float()}, options=options)
     loss.backward()
-    assert len(calls) == 1 and calls[0] is not None and calls[0].shape == (2, x.shape[0])
+    assert len(calls) == 1 and calls[0] is not None and calls[0].shape == (4, x.shape[0])
     assert rel_err(loss.detach(), ref.detach()) < 1e-5
     assert rel_err(xf.grad, xr.grad) < 1e-5 and rel_err(wf.grad, wr.grad) < 1e-5
 
@@ -142,7 +142,7 @@ def test_half_precision(backend, dtype):
 
     def run(a, b, name):
         a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
-        loss = mk.margin_cross_entropy(a, b, y.to(a.device), SPEC, backend=name, curriculum_t=t)
+        loss = mk.margin_cross_entropy(a, b, y.to(a.device), SPEC, backend=name, state={"t": t})
         loss.backward()
         return loss.detach().cpu(), a.grad.cpu(), b.grad.cpu()
 
@@ -194,16 +194,18 @@ def test_a_batch_without_valid_rows_leaves_t_alone():
 
 def test_the_functional_form_says_what_it_needs():
     x, w, y = PROBLEMS[0]
-    with pytest.raises(ValueError, match="running t"):
+    with pytest.raises(ValueError, match=r"keeps a running state \(t\)"):
         mk.margin_cross_entropy(x, w, y, SPEC)
-    with pytest.raises(ValueError, match="curriculum_t is CurricularFace's"):
-        mk.margin_cross_entropy(x, w, y, mk.ArcFace(), curriculum_t=0.1)
+    with pytest.raises(ValueError, match=r"state must hold ArcFace's nothing, got \['t'\]"):
+        mk.margin_cross_entropy(x, w, y, mk.ArcFace(), state={"t": 0.1})
+    with pytest.raises(ValueError, match=r"state must hold CurricularFace's \['t'\]"):
+        mk.margin_cross_entropy(x, w, y, SPEC, state={"T": 0.1})
     with pytest.raises(ValueError, match="must be a scalar"):
-        mk.margin_cross_entropy(x, w, y, SPEC, curriculum_t=torch.zeros(2))
+        mk.margin_cross_entropy(x, w, y, SPEC, state={"t": torch.zeros(2)})
     with pytest.raises(ValueError, match="must be finite"):
-        mk.margin_cross_entropy(x, w, y, SPEC, curriculum_t=math.nan)
-    with pytest.raises(TypeError, match="curriculum_t must be a float"):
-        mk.margin_cross_entropy(x, w, y, SPEC, curriculum_t="0.1")
+        mk.margin_cross_entropy(x, w, y, SPEC, state={"t": math.nan})
+    with pytest.raises(TypeError, match=r"state\['t'\] must be a float"):
+        mk.margin_cross_entropy(x, w, y, SPEC, state={"t": "0.1"})
 
 
 @pytest.mark.parametrize("bad, match", [(dict(m=2.0), "m must be in"), (dict(momentum=0.0), "momentum must be in")])
@@ -220,15 +222,17 @@ def test_the_kernels_check_the_hard_rule():
     w = torch.randn(5, 8)
     inv = 1 / w.norm(dim=1)
     labels = torch.zeros(4, dtype=torch.long)
-    with pytest.raises(RuntimeError, match="hard must be a \\[2, B\\]"):
-        _C.lse_forward(x, w, inv, labels, torch.zeros(4), 1.0, 2, None, torch.zeros(2, 3))
+    with pytest.raises(RuntimeError, match="hard must be a \\[4, B\\]"):
+        _C.lse_forward(x, w, inv, labels, torch.zeros(4), 1.0, 2, None, torch.zeros(4, 3))
+    with pytest.raises(RuntimeError, match="hard must be a \\[4, B\\]"):
+        _C.lse_forward(x, w, inv, labels, torch.zeros(4), 1.0, 2, None, torch.zeros(2, 4))
     with pytest.raises(RuntimeError, match="hard must be contiguous float32"):
-        _C.lse_backward(x, w, inv, labels, torch.zeros(4), torch.ones(4), 1.0, 2, None, torch.zeros(2, 4).double())
+        _C.lse_backward(x, w, inv, labels, torch.zeros(4), torch.ones(4), 1.0, 2, None, torch.zeros(4, 4).double())
 
 
 def test_compiles_fullgraph():
     def loss_fn(x, w, y, t):
-        return mk.margin_cross_entropy(x, w, y, SPEC, backend="cpp", curriculum_t=t)
+        return mk.margin_cross_entropy(x, w, y, SPEC, backend="cpp", state={"t": t})
 
     x, w, y = PROBLEMS[0]
     x = x.clone().requires_grad_(True)

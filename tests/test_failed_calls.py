@@ -159,17 +159,17 @@ def test_an_empty_batch_through_heads_and_partial_fc(k, head):
 
 
 @pytest.mark.parametrize("t", [1e30, -1.5, 1.0001, float("nan"), float("inf")])
-def test_curriculum_t_must_be_a_mean_cosine(t):
-    """curriculum_t = 1e30 gave a loss of 3e31."""
+def test_curricularface_t_must_be_a_mean_cosine(t):
+    """t = 1e30 gave a loss of 3e31."""
     x, w, y = make_problem(4, D, C)
-    with pytest.raises(ValueError, match=r"curriculum_t must be finite and in \[-1, 1\]"):
-        mk.margin_cross_entropy(x, w, y, mk.CurricularFace(), curriculum_t=t)
+    with pytest.raises(ValueError, match=r"state\['t'\] must be finite and in \[-1, 1\]"):
+        mk.margin_cross_entropy(x, w, y, mk.CurricularFace(), state={"t": t})
 
 
-def test_curriculum_t_at_the_ends_of_its_range():
+def test_curricularface_t_at_the_ends_of_its_range():
     x, w, y = make_problem(4, D, C)
     for t in (-1.0, 1.0, torch.tensor(0.5, dtype=torch.float64)):
-        assert torch.isfinite(mk.margin_cross_entropy(x, w, y, mk.CurricularFace(), curriculum_t=t))
+        assert torch.isfinite(mk.margin_cross_entropy(x, w, y, mk.CurricularFace(), state={"t": t}))
 
 
 @pytest.mark.parametrize("k, exc", [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError)])

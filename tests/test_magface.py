@@ -89,10 +89,15 @@ def test_bad_options(bad, match):
         mk.MagFace(**bad)
 
 
-def test_functional_form_says_what_it_needs():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_cpp)])
+def test_the_functional_form_is_the_heads_loss(backend):
+    """The functional form runs the spec's step: margins m(a) and the
+    regularizer, as the head (it used to raise, asking for margins=)."""
     x, w, y = problem()
-    with pytest.raises(ValueError, match="use margin_kernels.nn.MagFace"):
-        mk.margin_cross_entropy(x, w, y, mk.MagFace())
+    head = mk.nn.MagFace(x.shape[1], w.shape[0], backend=backend)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    assert torch.allclose(mk.margin_cross_entropy(x, w, y, mk.MagFace(), backend=backend), head(x, y), rtol=1e-6)
 
 
 def _magface_ranks(rank, world, sizes, sample_rate):

@@ -17,7 +17,7 @@ from margin_kernels import backends, reference
 from conftest import rel_err, requires_cpp
 
 # What computes margins, targets or masks for the fused paths.
-FUSED_HELPERS = {"row_margins", "hard_rule", "fixed_triple", "margins_from_norms", "margins_from_magnitudes",
+FUSED_HELPERS = {"row_margins", "step", "packed", "check_state", "fixed_triple", "margins_from_norms", "margins_from_magnitudes",
                  "updated_t", "updated_statistics", "clipped_norms", "magnitudes", "regularizer",
                  "_sort_by_difficulty", "target_logit", "draw_margins", "target_cosines"}
 ALLOWED_MODULES = {"__future__", "math", "torch", "torch.nn.functional", "margins"}
@@ -116,7 +116,7 @@ def test_the_reference_draws_and_sorts_elastic_margins_on_its_own(spec):
 def test_the_reference_masks_hard_negatives_on_its_own():
     x, w, y = problem(seed=3)
     spec = mk.CurricularFace(s=10.0, m=0.4)
-    got = reference.margin_cross_entropy(x, w, y, spec, reduction="sum", curriculum_t=0.3)[0].item()
+    got = reference.margin_cross_entropy(x, w, y, spec, reduction="sum", state={"t": 0.3})[0].item()
     ones, m, zeros = [1.0] * 9, [0.4] * 9, [0.0] * 9
     want = paper_loss(x, w, y.tolist(), spec.s, ones, m, zeros, hard_t=0.3, hard_m=0.4)
     assert abs(got - want) <= 1e-12 * abs(want)
@@ -199,20 +199,25 @@ def test_every_family_with_subcenters_against_its_paper_reference(family, backen
 @pytest.mark.parametrize("spec, kwargs", [
     (mk.ElasticArcFace(plus=True), dict(generator=torch.Generator().manual_seed(1))),
     (mk.ElasticCosFace(), dict(generator=torch.Generator().manual_seed(1))),
-    (mk.CurricularFace(), dict(curriculum_t=0.2)),
+    (mk.CurricularFace(), dict(state={"t": 0.2})),
     (mk.CombinedMargin(m1=1.2, m2=0.3, m3=0.1), dict(subcenters=1)),
-], ids=["elastic-arc+", "elastic-cos", "curricular", "combined"])
+    (mk.MVSoftmax(form="arc"), {}),
+    (mk.AdaFace(), dict(state={"batch_mean": 3.0, "batch_std": 1.0})),
+    (mk.MagFace(), {}),
+], ids=["elastic-arc+", "elastic-cos", "curricular", "combined", "mv-arc", "adaface", "magface"])
 def test_the_reference_backend_calls_none_of_the_fused_paths_helpers(monkeypatch, spec, kwargs):
     """margin_cross_entropy(backend="reference") used to hand the oracle margins
     drawn and sorted by the fused path's code and CurricularFace's mask from
-    its hard_rule: a bug there was invisible."""
+    its hard-negative rule: a bug there was invisible."""
     from margin_kernels import _targets, functional, margins
 
     def forbidden(*args, **kw):
         raise AssertionError("the oracle called a helper of the fused path")
 
     for owner, name in [(margins.Margin, "row_margins"), (margins._Elastic, "row_margins"),
-                        (margins.CurricularFace, "hard_rule"), (margins, "target_logit"),
+                        (margins.Margin, "step"), (margins._Elastic, "step"), (margins.CurricularFace, "step"),
+                        (margins.MVSoftmax, "step"), (margins.Margin, "target"), (margins.MVSoftmax, "target"),
+                        (margins, "target_logit"),
                         (margins, "_sort_by_difficulty"), (functional, "draw_margins"),
                         (functional, "geometry"), (_targets, "geometry"), (_targets, "target_rows")]:
         monkeypatch.setattr(owner, name, forbidden)

@@ -114,7 +114,7 @@ def _fused_vs_reference(backend, margin, reduction, case=0, dtype=torch.float32,
     x, w, y = PROBLEMS[case]
     x, w = x.to(dtype), w.to(dtype)
     m = margin.row_margins(x.shape[0])
-    extra = {} if hard_t is None else dict(curriculum_t=hard_t)
+    extra = {} if hard_t is None else dict(state={"t": hard_t})
     xr, wr = x.double().requires_grad_(True), w.double().requires_grad_(True)
     ref = mk.margin_cross_entropy(xr, wr, y, margin, backend="reference", reduction=reduction, margins=m,
                                   subcenters=K, **extra)
@@ -167,8 +167,8 @@ def test_the_single_pass_shortcut_takes_subcenters(monkeypatch):
     from margin_kernels.backends import cpp
 
     calls = []
-    real = cpp.fused_forward_backward
-    monkeypatch.setattr(cpp, "fused_forward_backward", lambda *a, **k: calls.append(k["subcenters"]) or real(*a, **k))
+    real = cpp.single_pass
+    monkeypatch.setattr(cpp, "single_pass", lambda *a, **k: calls.append(k["subcenters"]) or real(*a, **k))
     options = mk.KernelOptions(single_pass=True, workspace_bytes=4 * 41 * K * 5)  # 5 rows per chunk
     for got, want in _fused_vs_reference("cpp", mk.ArcFace(), "mean", options=options):
         assert rel_err(got, want) < 1e-5
@@ -278,7 +278,7 @@ def test_heads_own_a_subcenter_weight():
     t = mk.CurricularFace().updated_t(torch.tensor(0.0), mk.functional.target_cosines(x, w, y, subcenters=K), y != -100)
     assert abs(curricular.t.item() - t.item()) < 1e-7
     assert rel_err(loss.detach(), mk.margin_cross_entropy(x, w, y, mk.CurricularFace(), backend="reference",
-                                                          curriculum_t=t, subcenters=K)) < 1e-5
+                                                          state={"t": t}, subcenters=K)) < 1e-5
 
 
 @requires_cpp

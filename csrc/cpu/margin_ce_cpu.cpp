@@ -25,18 +25,19 @@ Tensor float_block(const Tensor& weight, const c10::optional<Tensor>& class_inde
   return block.scalar_type() == at::kFloat ? block : block.to(at::kFloat);
 }
 
-// CurricularFace's hard negatives per row (the `hard` [2, B] tensor: thresholds,
-// then t); off when the call has none.
+// The hard-negative rule per row (the `hard` [4, B] tensor: thresholds, then
+// the coefficients a, b, d of m(c) = (a c + b) c + d); off when the call has none.
 struct HardRows {
-  const float* threshold = nullptr;
-  const float* t = nullptr;
+  const float* rows = nullptr;
+  int64_t B = 0;
   explicit HardRows(const c10::optional<Tensor>& hard) {
     if (hard.has_value()) {
-      threshold = hard->data_ptr<float>();
-      t = threshold + hard->size(1);
+      rows = hard->data_ptr<float>();
+      B = hard->size(1);
     }
   }
-  bool on() const { return threshold != nullptr; }
+  bool on() const { return rows != nullptr; }
+  cpu::HardRule operator[](int64_t i) const { return {rows[i], rows[B + i], rows[2 * B + i], rows[3 * B + i]}; }
 };
 
 struct ZRow {
@@ -48,7 +49,7 @@ struct ZRow {
 // replaced by `target`.
 ZRow logits_to_z(float* row, const float* inv, int64_t n, float scale,
                  int64_t label, int64_t col0, float target, const HardRows& hard, int64_t i) {
-  float mx = hard.on() ? cpu::scale_columns_max_hard(row, inv, n, scale, hard.threshold[i], hard.t[i])
+  float mx = hard.on() ? cpu::scale_columns_max_hard(row, inv, n, scale, hard[i])
                        : cpu::scale_columns_max(row, inv, n, scale);
   const int64_t t = label - col0;
   if (label < 0 || t < 0 || t >= n) return {-1, mx};
@@ -220,8 +221,7 @@ std::tuple<Tensor, Tensor> lse_backward(
         }
         auto [z, col_inv] = columns.collapse(row, inv + r0w, k);
         if (hard_rows.on()) {
-          cpu::softmax_grad_from_logits_hard(z, col_inv, k, s, lse_p[i], coef, hard_rows.threshold[i],
-                                             hard_rows.t[i]);
+          cpu::softmax_grad_from_logits_hard(z, col_inv, k, s, lse_p[i], coef, hard_rows[i]);
         } else {
           cpu::softmax_grad_from_logits(z, col_inv, k, s, lse_p[i], coef);
         }
@@ -243,12 +243,12 @@ std::tuple<Tensor, Tensor> lse_backward(
   return {dx_hat, dw};
 }
 
-std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
+std::tuple<Tensor, Tensor, Tensor> single_pass(
     const Tensor& x_hat, const Tensor& weight, const Tensor& w_inv,
     const Tensor& labels_local, const Tensor& target_logit, const Tensor& grad_rows,
     double scale, int64_t block_rows, const c10::optional<Tensor>& hard, int64_t subcenters) {
   TORCH_CHECK(weight.scalar_type() == at::kFloat,
-              "fused_forward_backward takes float32 weights");
+              "single_pass takes float32 weights");
   const int64_t S = subcenters;
   const int64_t B = x_hat.size(0), rows = weight.size(0), C = rows / S, D = weight.size(1);
   const int64_t R = std::min(std::max<int64_t>(block_rows, 1), std::max<int64_t>(B, 1));
@@ -278,7 +278,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_forward_backward(
         const int64_t i = r0 + ii;
         float* row = ep + ii * rows;
         auto [z, col_inv] = columns.collapse(row, inv, C);
-        if (hard_rows.on()) cpu::hard_factors(z, col_inv, C, hard_rows.threshold[i], hard_rows.t[i], factor.data());
+        if (hard_rows.on()) cpu::hard_factors(z, col_inv, C, hard_rows[i], factor.data());
         const ZRow zr = logits_to_z(z, col_inv, C, s, lab[i], 0, tgt[i], hard_rows, i);
         const float sum = cpu::exp_in_place_sum(z, C, zr.max);  // z <- exp(z - max)
         lse_p[i] = zr.max + std::log(sum);

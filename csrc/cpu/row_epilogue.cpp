@@ -55,13 +55,12 @@ float scale_columns_max(float* z, const float* inv, int64_t n, float scale) {
 }
 
 MK_VECTOR_CLONES
-float scale_columns_max_hard(float* z, const float* inv, int64_t n, float scale, float threshold,
-                             float t) {
+float scale_columns_max_hard(float* z, const float* inv, int64_t n, float scale, HardRule rule) {
   float m = -3.402823466e+38f;
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) {
     const float c = z[j] * inv[j];
-    z[j] = scale * (c > threshold ? c * (t + c) : c);
+    z[j] = scale * (rule.hard(c) ? rule.value(c) : c);
     m = z[j] > m ? z[j] : m;
   }
   return m;
@@ -108,13 +107,13 @@ void softmax_grad_from_logits(float* l, const float* inv, int64_t n, float scale
 
 MK_VECTOR_CLONES
 void softmax_grad_from_logits_hard(float* l, const float* inv, int64_t n, float scale,
-                                   float shift, float coef, float threshold, float t) {
+                                   float shift, float coef, HardRule rule) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float c = l[j] * inv[j];
-    const bool hard = c > threshold;
-    const float z = scale * (hard ? c * (t + c) : c);
-    l[j] = coef * exp_f32(z - shift) * (hard ? t + 2.0f * c : 1.0f) * inv[j];
+    const bool hard = rule.hard(c);
+    const float z = scale * (hard ? rule.value(c) : c);
+    l[j] = coef * exp_f32(z - shift) * (hard ? rule.derivative(c) : 1.0f) * inv[j];
   }
 }
 
@@ -187,11 +186,11 @@ void expand_subcenters(const float* g, const float* inv, int64_t n, int64_t subs
 }
 
 MK_VECTOR_CLONES
-void hard_factors(const float* z, const float* inv, int64_t n, float threshold, float t, float* out) {
+void hard_factors(const float* z, const float* inv, int64_t n, HardRule rule, float* out) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float c = z[j] * inv[j];
-    out[j] = c > threshold ? t + 2.0f * c : 1.0f;
+    out[j] = rule.hard(c) ? rule.derivative(c) : 1.0f;
   }
 }
 

@@ -9,10 +9,18 @@ namespace margin_kernels::cpu {
 // z_j <- scale * z_j * inv_j, in place; returns max_j z_j (n >= 1).
 float scale_columns_max(float* z, const float* inv, int64_t n, float scale);
 
-// CurricularFace's hard negatives: z_j <- scale * m(c_j), c_j = z_j * inv_j,
-// m(c) = c (t + c) where c > threshold, c elsewhere; returns max_j z_j (n >= 1).
-float scale_columns_max_hard(float* z, const float* inv, int64_t n, float scale, float threshold,
-                             float t);
+// A row's hard-negative rule (docs/DESIGN.md §1): a non-target cosine c above
+// `threshold` counts as m(c) = (a c + b) c + d, with derivative 2 a c + b.
+struct HardRule {
+  float threshold, a, b, d;
+  bool hard(float c) const { return c > threshold; }
+  float value(float c) const { return (a * c + b) * c + d; }
+  float derivative(float c) const { return 2.0f * a * c + b; }
+};
+
+// Hard negatives modulated: z_j <- scale * m(c_j), c_j = z_j * inv_j, where
+// c_j is hard, scale * c_j elsewhere; returns max_j z_j (n >= 1).
+float scale_columns_max_hard(float* z, const float* inv, int64_t n, float scale, HardRule rule);
 
 // max_j z_j (n >= 1).
 float row_max(const float* z, int64_t n);
@@ -33,10 +41,9 @@ void softmax_grad_from_logits(float* l, const float* inv, int64_t n, float scale
                               float shift, float coef);
 
 // softmax_grad_from_logits through the hard-negative modulation: the logit is
-// scale * m(c_j) and the gradient is multiplied by m'(c_j) = t + 2 c_j where
-// c_j > threshold.
+// scale * m(c_j) and the gradient is multiplied by m'(c_j) where c_j is hard.
 void softmax_grad_from_logits_hard(float* l, const float* inv, int64_t n, float scale,
-                                   float shift, float coef, float threshold, float t);
+                                   float shift, float coef, HardRule rule);
 
 // Sub-center ArcFace over a row of n * subs raw logits (class j's sub-centers
 // at j * subs ... j * subs + subs - 1): out[j] <- max_k row[j subs + k] *
@@ -48,9 +55,9 @@ void collapse_subcenters(const float* row, const float* inv, int64_t n, int64_t 
 // the other k: a class's gradient to its arg-max row, scaled by its 1/||w||.
 void expand_subcenters(const float* g, const float* inv, int64_t n, int64_t subs, const int32_t* arg, float* row);
 
-// CurricularFace's gradient factor m'(c_j) per column, c_j = z_j * inv_j:
-// t + 2 c_j where c_j > threshold, 1 elsewhere.
-void hard_factors(const float* z, const float* inv, int64_t n, float threshold, float t, float* out);
+// The hard-negative rule's gradient factor per column, c_j = z_j * inv_j:
+// m'(c_j) where c_j is hard, 1 elsewhere.
+void hard_factors(const float* z, const float* inv, int64_t n, HardRule rule, float* out);
 
 // z_j <- z_j * f_j, in place.
 void multiply(float* z, const float* f, int64_t n);

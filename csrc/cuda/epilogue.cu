@@ -51,12 +51,16 @@ __device__ float block_reduce(float v, float* scratch) {
 }
 
 // A row's hard-negative rule: threshold +inf (never hard) without one.
+// Rows of `hard` [4, B]: thresholds, then a, b, d of m(c) = (a c + b) c + d.
 struct HardRow {
-  float threshold, t;
+  float threshold, a, b, d;
   __device__ HardRow(const float* hard, int64_t i, int64_t B)
-      : threshold(hard ? hard[i] : INFINITY), t(hard ? hard[B + i] : 0.0f) {}
-  __device__ float value(float c) const { return c > threshold ? c * (t + c) : c; }
-  __device__ float derivative(float c) const { return c > threshold ? t + 2.0f * c : 1.0f; }
+      : threshold(hard ? hard[i] : INFINITY),
+        a(hard ? hard[B + i] : 0.0f),
+        b(hard ? hard[2 * B + i] : 1.0f),
+        d(hard ? hard[3 * B + i] : 0.0f) {}
+  __device__ float value(float c) const { return c > threshold ? (a * c + b) * c + d : c; }
+  __device__ float derivative(float c) const { return c > threshold ? 2.0f * a * c + b : 1.0f; }
 };
 
 // Class j's cosine: the max over its `subs` columns of logits * inv; `arg`

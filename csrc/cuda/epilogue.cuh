@@ -18,8 +18,8 @@ enum mk_dtype { MK_FLOAT32 = 0, MK_BFLOAT16 = 1, MK_FLOAT16 = 2 };
 cudaError_t mk_row_inv_norms(const void* x, int dtype, int64_t rows, int64_t dim, int64_t ld,
                              float eps, float* inv, cudaStream_t stream);
 
-// `hard` (may be NULL): CurricularFace's hard negatives, [2, B] fp32 (thresholds,
-// then t): a non-target cosine c > hard[i] counts as c (hard[B + i] + c).
+// `hard` (may be NULL): the hard-negative rule, [4, B] fp32 (thresholds, then
+// a, b, d): a non-target cosine c > hard[i] counts as m(c) = (a c + b) c + d.
 
 // `subs` (>= 1): each of the block's K classes is `subs` consecutive logits
 // columns (sub-centers), inv has one entry per column, and a class's cosine is

@@ -10,18 +10,19 @@ csrc/bindings.cpp and, upper-cased, in the Triton kernels):
                  target_rows=None, target_dw=None)
         -> (dx_hat [B, D] float32, dW [C, D] in weight's dtype, or None without weight_grad)
 
-and the single-shard shortcut, where ``supports_fused`` says it has one:
+and the single-shard shortcut, where ``has_single_pass`` says it has one:
 
-    supports_fused(weight) -> bool
-    prefers_fused(weight, batch, options) -> bool
-    fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows, *,
+    has_single_pass(weight) -> bool
+    prefers_single_pass(weight, batch, options) -> bool
+    single_pass(x_hat, weight, w_inv, labels_local, target_logit, grad_rows, *,
                            scale, options, hard=None, subcenters=1) -> (lse, dx_hat, dW)
 
 The backwards leave out the target columns (the caller adds their exact share
 to dx; lse_backward adds their dW share, ``target_dw`` float32 [B, D] to shard
 rows ``target_rows`` int64 [B] (-1: none), to its float32 accumulator before
 rounding to the weight's dtype);
-``hard`` is CurricularFace's hard negatives, float32 [2, B] (thresholds, t).
+``hard`` is the hard-negative rule, float32 [4, B] (``HardNegatives.packed``: thresholds,
+then a, b, d: a non-target cosine c above its row's threshold counts as (a c + b) c + d).
 ``subcenters`` (K): each class is K consecutive weight rows (of ``weight``, or
 of ``class_index``), its cosine the max over them; w_inv and dW count rows,
 labels_local counts classes, and a class's gradient goes to its arg-max row.

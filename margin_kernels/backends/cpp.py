@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 try:
-    from margin_kernels import _C
+    from .. import _C
 except ImportError as exc:  # the extension was not built
     _C = None
     _IMPORT_ERROR = str(exc)
@@ -90,21 +90,21 @@ def lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, o
 # many rows per chunk the class-blocked path's fourth GEMM is cheaper (measured
 # on 2 cores, B=512 D=256: shortcut 178 vs 242 ms at C=50k, 387 vs 487 at 100k,
 # but 880 vs 841 at 200k and 8.7 vs 4.2 s at 1M, with 64 MiB of workspace).
-MIN_FUSED_ROWS = 128
+MIN_SINGLE_PASS_ROWS = 128
 
 
-def supports_fused(weight: Tensor) -> bool:
+def has_single_pass(weight: Tensor) -> bool:
     """The row-chunked shortcut runs on float32 CPU weights."""
     return weight.dtype == torch.float32 and weight.device.type == "cpu"
 
 
-def prefers_fused(weight: Tensor, batch: int, options) -> bool:
+def prefers_single_pass(weight: Tensor, batch: int, options) -> bool:
     """Whether the row-chunked shortcut beats the class-blocked path here."""
-    return supports_fused(weight) and block_rows(weight.shape[0], options.workspace_bytes) >= min(batch, MIN_FUSED_ROWS)
+    return has_single_pass(weight) and block_rows(weight.shape[0], options.workspace_bytes) >= min(batch, MIN_SINGLE_PASS_ROWS)
 
 
-def fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows, *, scale, options,
+def single_pass(x_hat, weight, w_inv, labels_local, target_logit, grad_rows, *, scale, options,
                            hard=None, subcenters=1):
     r = block_rows(weight.shape[0], options.workspace_bytes)
-    return _C.fused_forward_backward(x_hat, weight, w_inv, labels_local, target_logit, grad_rows.float().contiguous(),
+    return _C.single_pass(x_hat, weight, w_inv, labels_local, target_logit, grad_rows.float().contiguous(),
                                      float(scale), r, hard, subcenters)

@@ -167,7 +167,7 @@ def lse_forward(x_hat, weight, w_inv, labels_local, target_logit, *, scale, opti
     return torch.logsumexp(part_max + part_sum.log(), dim=0)
 
 
-def supports_fused(weight: Tensor) -> bool:
+def has_single_pass(weight: Tensor) -> bool:
     """No single-pass shortcut here: its recompute-free sweep re-reads dW once per
     row chunk, which on a GPU loses to the class-tiled kernels."""
     return False

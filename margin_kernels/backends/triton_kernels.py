@@ -237,25 +237,28 @@ def _class_cosines(X, W, W_INV, CLASS_INDEX, safe_rows, cols, col_ok, C, D, stri
 
 @triton.jit
 def _hard_rule(rows, row_ok, HARD, B):
-    """CurricularFace's per-row (threshold, t) from HARD [2, B]; a masked row is never hard."""
+    """A row's hard-negative rule from HARD [4, B]: (threshold, a, b, d) of
+    m(c) = (a c + b) c + d above the threshold; a masked row is never hard."""
     threshold = tl.load(HARD + rows, mask=row_ok, other=float("inf"))
-    t = tl.load(HARD + B + rows, mask=row_ok, other=0.0)
-    return threshold[:, None], t[:, None]
+    a = tl.load(HARD + B + rows, mask=row_ok, other=0.0)
+    b = tl.load(HARD + 2 * B + rows, mask=row_ok, other=1.0)
+    d = tl.load(HARD + 3 * B + rows, mask=row_ok, other=0.0)
+    return threshold[:, None], a[:, None], b[:, None], d[:, None]
 
 
 @triton.jit
 def _grad_tile(c, rows, row_ok, cols, col_ok, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD: tl.constexpr):
-    """From a tile's cosines: d loss / d c = g s p (times m'(c) = t + 2c at hard
-    negatives); zero at the target columns (their share is added outside the
+    """From a tile's cosines: d loss / d c = g s p (times m'(c) = 2 a c + b at
+    hard negatives); zero at the target columns (their share is added outside the
     kernels) and outside the valid rows and columns."""
     label = tl.load(LABELS + rows, mask=row_ok, other=-1)
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     coef = tl.load(GRAD + rows, mask=row_ok, other=0.0) * scale
     if HAS_HARD:
-        threshold, t = _hard_rule(rows, row_ok, HARD, B)
+        threshold, a, b, d = _hard_rule(rows, row_ok, HARD, B)
         hard = c > threshold
-        p = tl.exp(tl.where(hard, c * (t + c), c) * scale - lse[:, None])
-        e = coef[:, None] * p * tl.where(hard, t + 2.0 * c, 1.0)
+        p = tl.exp(tl.where(hard, (a * c + b) * c + d, c) * scale - lse[:, None])
+        e = coef[:, None] * p * tl.where(hard, 2.0 * a * c + b, 1.0)
     else:
         e = coef[:, None] * tl.exp(c * scale - lse[:, None])
     keep = row_ok[:, None] & col_ok[None, :] & (cols[None, :] != label[:, None])
@@ -283,7 +286,7 @@ def lse_forward_kernel(
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Program (row tile, class split): running max / sum-exp of its class tiles
-    (HAS_HARD: CurricularFace's hard negatives modulated; SUBCENTERS: each
+    (HAS_HARD: hard negatives modulated; SUBCENTERS: each
     class's cosine the max over its sub-centers), written as one partial per
     (split, row); the host combines splits."""
     pid_s = tl.program_id(1)
@@ -298,8 +301,8 @@ def lse_forward_kernel(
         c, _ = _class_cosines(X, W, W_INV, CLASS_INDEX, safe_rows, cols, col_ok, C, D, stride_x, stride_w,
                               BLOCK_M, BLOCK_N, BLOCK_K, HAS_INDEX, SUBCENTERS, UPCAST, IEEE)
         if HAS_HARD:
-            threshold, t_hard = _hard_rule(rows, row_ok, HARD, B)
-            c = tl.where(c > threshold, c * (t_hard + c), c)
+            threshold, a, b, d = _hard_rule(rows, row_ok, HARD, B)
+            c = tl.where(c > threshold, (a * c + b) * c + d, c)
         z = tl.where(cols[None, :] == label[:, None], target[:, None], c * scale)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))

@@ -26,7 +26,7 @@ from dataclasses import asdict
 from .memory import mem_available
 from .report import (Progress, format_conclusion, format_legend, format_overheads, format_scale, format_table, mib,
                      plot, useful_tflops)
-from .steps import BASELINES, CPP_GEMMS, FEATURE_MARGINS, FLOOR, FLOORS, PEERS, TRITON_SPLIT
+from .steps import BASELINES, CPP_GEMMS, FLOOR, FLOORS, INSIGHTFACE_MARGINS, PEERS, TRITON_SPLIT, margin_names
 from .worker import Case, Result, run_case, spawn
 
 SIZES = {
@@ -34,14 +34,14 @@ SIZES = {
     "default": dict(batch=512, dim=128, classes=[10_000, 40_000, 100_000]),
     "large": dict(batch=512, dim=256, classes=[50_000, 200_000, 1_000_000]),
 }
-MARGINS = ("arcface", "cosface", "none", "adaface", "magface", "curricular", "subcenter")
+MARGINS = margin_names()
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 def available_impls(device: str, margin: str) -> list[str]:
     from margin_kernels import backends
 
-    impls = ["reference"] + ([] if margin in FEATURE_MARGINS else ["insightface"])
+    impls = ["reference"] + (["insightface"] if margin in INSIGHTFACE_MARGINS else [])
     if margin == "none":
         impls.append("torch-linear-ce")
     fused = [b for b in ("cpp", "triton") if backends.is_available(b) and _backend_runs_on(b, device)]
@@ -113,8 +113,9 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, help="embedding size D")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--margin", choices=MARGINS, default="arcface",
-                   help="'none' adds torch's linear_cross_entropy; adaface, magface, curricular and subcenter "
-                   "(ArcFace with 3 sub-centers per class: a [3C, D] weight) run against their reference")
+                   help="a margin family's short name; 'none' is plain softmax and adds torch's "
+                   "linear_cross_entropy, 'subcenter' is ArcFace with 3 sub-centers per class (a [3C, D] weight); "
+                   f"all but {', '.join(INSIGHTFACE_MARGINS)} run against the reference alone")
     p.add_argument("--backends", nargs="+", help=f"implementations to run (default: all available; baselines: {BASELINES}; "
                    f"with --margin none on CUDA also the peers {PEERS})")
     p.add_argument("--repeat", type=int, default=3, help="timed repetitions after the warm-up (median reported)")

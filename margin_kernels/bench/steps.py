@@ -13,15 +13,27 @@ BASELINES = ("reference", "insightface", "torch-linear-ce")
 PEERS = ("cce", "liger")
 
 
+# --margin: "none" is plain softmax (NormSoftmax: torch's linear_cross_entropy
+# and the peers run beside it), "subcenter" is ArcFace with the paper's K = 3
+# sub-centers (a [3 C, D] weight), the rest are the families' short names.
+PLAIN, SUBCENTER = "none", "subcenter"
+SUBCENTERS = {SUBCENTER: 3}
+# The margins insightface's recipe computes (its baseline runs beside them);
+# the others run against the reference alone.
+INSIGHTFACE_MARGINS = ("arcface", "cosface", PLAIN)
+
+
+def margin_names() -> tuple[str, ...]:
+    from margin_kernels.margins import FAMILIES
+
+    return (PLAIN, SUBCENTER) + tuple(spec.short_name for spec in FAMILIES if spec.short_name != "normsoftmax")
+
+
 def margin_spec(name: str):
-    import margin_kernels as mk
+    from margin_kernels.margins import FAMILIES, ArcFace, NormSoftmax
 
-    return {"arcface": mk.ArcFace(), "cosface": mk.CosFace(), "none": mk.NormSoftmax(), "adaface": mk.AdaFace(),
-            "magface": mk.MagFace(), "curricular": mk.CurricularFace(), "subcenter": mk.ArcFace()}[name]
-
-
-# Sub-center ArcFace runs with the paper's K = 3: a [3 C, D] weight.
-SUBCENTERS = {"subcenter": 3}
+    named = {PLAIN: NormSoftmax, SUBCENTER: ArcFace} | {spec.short_name: spec for spec in FAMILIES}
+    return named[name]()
 
 
 def weight_rows(margin_name: str, classes: int) -> int:
@@ -29,50 +41,23 @@ def weight_rows(margin_name: str, classes: int) -> int:
     return classes * SUBCENTERS.get(margin_name, 1)
 
 
-# Margins with state or terms beyond a fixed per-row triple (norms, running
-# statistics, hard negatives, sub-centers): the fused backends run them as their
-# heads do, the naive baseline is the reference written from the paper.
-FEATURE_MARGINS = ("adaface", "magface", "curricular", "subcenter")
-
-
-def _feature_margin_step(impl: str, margin_name: str, x, w, y):
-    import torch
-
-    import margin_kernels as mk
-    from margin_kernels import reference
-    from margin_kernels.functional import target_cosines
+def _loss_step(impl: str, margin_name: str, x, w, y):
+    """One fwd+bwd of the loss: the margin's step (its state as at the start
+    of training), then the loss; the reference computes everything on its
+    own, naively, from the same state."""
+    from margin_kernels import KernelOptions, reference
+    from margin_kernels.functional import margin_loss_step
 
     spec = margin_spec(margin_name)
-    mean, std = torch.tensor(20.0, device=x.device), torch.tensor(100.0, device=x.device)
-    backend = "triton" if impl == TRITON_SPLIT else impl
-    options = mk.KernelOptions(triton_backward="split") if impl == TRITON_SPLIT else None
-    t = torch.tensor(0.3, device=x.device)  # CurricularFace's running t, mid-training
+    k = SUBCENTERS.get(margin_name, 1)
+    state = spec.initial_state(device=x.device) or None
     if impl == "reference":
-        if margin_name == "adaface":
-            return lambda: reference.adaface_loss(x, w, y, mean, std).backward()
-        if margin_name == "curricular":
-            return lambda: reference.curricularface_loss(x, w, y, t)[0].backward()
-        if margin_name == "subcenter":
-            return lambda: reference.subcenter_loss(x, w, y, subcenters=SUBCENTERS[margin_name]).backward()
-        return lambda: reference.magface_loss(x, w, y).backward()
-    if impl not in ("cpp", "triton", TRITON_SPLIT):
-        raise RuntimeError(f"{impl} has no {margin_name} loss")
+        return lambda: reference.margin_cross_entropy(x, w, y, spec, state=state, subcenters=k)[0].backward()
+    backend = "triton" if impl == TRITON_SPLIT else impl
+    options = KernelOptions(triton_backward="split") if impl == TRITON_SPLIT else None
 
     def step():
-        if margin_name == "adaface":
-            margins = spec.margins_from_norms(spec.clipped_norms(x), mean, std)
-            loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, margins=margins, options=options)
-        elif margin_name == "curricular":  # as nn.CurricularFace: update t, then the loss
-            t_step = spec.updated_t(t, target_cosines(x, w, y), torch.ones_like(y, dtype=torch.bool))
-            loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, curriculum_t=t_step, options=options)
-        elif margin_name == "subcenter":
-            loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, subcenters=SUBCENTERS[margin_name],
-                                           options=options)
-        else:
-            a = spec.magnitudes(x)
-            loss = mk.margin_cross_entropy(x, w, y, spec, backend=backend, margins=spec.margins_from_magnitudes(a),
-                                           options=options) + spec.regularizer(a).mean()
-        loss.backward()
+        margin_loss_step(x, w, y, spec, backend=backend, options=options, state=state, subcenters=k)[0].backward()
 
     return step
 
@@ -102,23 +87,13 @@ def make_step(impl: str, margin_name: str, x, w, y):
     import torch
     import torch.nn.functional as F
 
-    import margin_kernels as mk
-
-    margin = margin_spec(margin_name)
-    if margin_name in FEATURE_MARGINS and impl not in FLOORS:
-        return _feature_margin_step(impl, margin_name, x, w, y)
-    if impl in ("reference", "cpp", "triton"):
-
-        def step():
-            mk.margin_cross_entropy(x, w, y, margin, backend=impl).backward()
-
-    elif impl == TRITON_SPLIT:  # the Triton backend with the split backward (no dW atomics)
-        split = mk.backends.KernelOptions(triton_backward="split")
-
-        def step():
-            mk.margin_cross_entropy(x, w, y, margin, backend="triton", options=split).backward()
+    if impl in ("reference", "cpp", "triton", TRITON_SPLIT):
+        step = _loss_step(impl, margin_name, x, w, y)
 
     elif impl == "insightface":
+        if margin_name not in INSIGHTFACE_MARGINS:
+            raise RuntimeError(f"insightface's recipe has no {margin_name} loss")
+        margin = margin_spec(margin_name)
 
         def step():
             _insightface_step(x, w, y, margin)
@@ -185,7 +160,7 @@ def _cpp_gemms_step(x, w):
     def mm(a, b):
         return torch.mm(a, b) if a.dtype == torch.float32 else torch.mm(a, b, out_dtype=torch.float32)
 
-    if cpp.prefers_fused(w, batch, options):
+    if cpp.prefers_single_pass(w, batch, options):
         rows = min(cpp.block_rows(classes, workspace), batch)
         e = torch.randn(rows, classes, device=x.device)
 
