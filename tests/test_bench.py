@@ -65,8 +65,8 @@ def test_cpp_gemms_follow_the_path_cpp_takes(classes, monkeypatch):
     real_mm = torch.mm
     monkeypatch.setattr(torch, "mm", lambda a, b, **kw: shapes.append((tuple(a.shape), tuple(b.shape))) or real_mm(a, b, **kw))
     bench.make_step("cpp-gemms", "arcface", x, w, torch.zeros(b, dtype=torch.long))()
-    fused = backends.load("cpp").prefers_single_pass(w, b, backends.KernelOptions().resolved())
-    assert fused == (classes == 300)
+    single_pass = backends.load("cpp").prefers_single_pass(w, b, backends.KernelOptions().resolved())
+    assert single_pass == (classes == 300)
     if fused:
         assert shapes[0] == ((b, 8), (8, classes))
     else:

@@ -67,7 +67,9 @@ def _grads(fn, x, w):
 @pytest.mark.parametrize("margin, kwargs", [
     (mk.CombinedMargin(m1=1.1, m2=0.3, m3=0.1), {}), (mk.CurricularFace(), dict(state={"t": 0.2})),
     (mk.ArcFace(), dict(subcenters=3)), (mk.CosFace(easy_margin=True), {}),
-], ids=["combined", "curricular", "subcenters", "cosface-easy"])
+    (mk.MVSoftmax(), {}), (mk.MVSoftmax(form="arc"), {}), (mk.MagFace(), {}),
+    (mk.AdaFace(), dict(state={"batch_mean": 3.0, "batch_std": 1.0})),
+], ids=["combined", "curricular", "subcenters", "cosface-easy", "mv-am", "mv-arc", "magface", "adaface"])
 def test_compiled_matches_the_reference(margin, kwargs):
     """Compiled against the reference (not only against eager on the same backend)."""
     torch._dynamo.reset()
@@ -84,7 +86,7 @@ def test_compiled_matches_the_reference(margin, kwargs):
         assert rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("head", ["ArcFace", "AdaFace", "MagFace", "CurricularFace", "ElasticArcFace"])
+@pytest.mark.parametrize("head", ["ArcFace", "AdaFace", "MagFace", "CurricularFace", "ElasticArcFace", "MVSoftmax"])
 def test_heads_compile_fullgraph_and_match_the_reference(head):
     """A training step of each head under torch.compile(fullgraph=True), against
     the same head on the reference backend (elastic heads draw from the global

@@ -15,23 +15,23 @@ SHAPES = [(37, 72, 1000), (1, 3, 1), (5, 17, 1), (64, 33, 513), (3, 8, 2)]
 SMALL_WORKSPACE = 4096  # bytes: forces many class blocks / row chunks
 
 
-@pytest.fixture(params=["fused", "blocked"])
+@pytest.fixture(params=["single-pass", "class-blocked"])
 def path(request, monkeypatch):
     """Run each check through the single-pass shortcut (wherever it applies,
     however small the row chunks) and through the class-blocked path, by the
     documented default of KernelOptions.single_pass."""
-    monkeypatch.setenv("MARGIN_KERNELS_SINGLE_PASS", "1" if request.param == "fused" else "0")
+    monkeypatch.setenv("MARGIN_KERNELS_SINGLE_PASS", "1" if request.param == "single-pass" else "0")
     return request.param
 
 
-@pytest.mark.parametrize("reduction, expect_fused", [("mean", True), ("sum", True), ("none", False)])
-def test_path_fixture_reaches_the_kernel_it_names(reduction, expect_fused, path, monkeypatch):
+@pytest.mark.parametrize("reduction, expect_single_pass", [("mean", True), ("sum", True), ("none", False)])
+def test_path_fixture_reaches_the_kernel_it_names(reduction, expect_single_pass, path, monkeypatch):
     calls = []
     real = cpp_backend.single_pass
     monkeypatch.setattr(cpp_backend, "single_pass", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, w, y = make_problem(9, 8, 50)
     loss_and_grads(x, w, y, mk.ArcFace(), backend="cpp", reduction=reduction, workspace_bytes=SMALL_WORKSPACE)
-    assert bool(calls) == (expect_fused and path == "fused")
+    assert bool(calls) == (expect_single_pass and path == "single-pass")
 
 
 def compare(x, w, y, margin, tol=FP32_TOL, **kwargs):
