@@ -16,25 +16,33 @@ def _read(path: Path) -> str:
 
 
 def _table(path: Path) -> str:
-    """The table lines of a bench text output (from its title to the legend)."""
+    """The table lines of a bench text output (from its title to the legend);
+    for a run cut off before its table, the rows it finished (its progress
+    lines). The autotuner's choices are left in the text file."""
     text = _read(path)
     if not text:
         return "(not run)"
-    keep = [line for line in text.splitlines() if not line.startswith(("measurements written", "plot written"))
-            and not line.startswith("[")]  # progress lines
+    lines = [line for line in text.splitlines() if not line.startswith("  [")]  # autotuner lines
+    if not any(line.startswith("speedup =") for line in lines):
+        done = [line for line in lines if line.startswith("[")]
+        return "\n".join(["(cut off before its table: the rows it finished)"] + done[-40:])
+    keep = [line for line in lines if not line.startswith(("measurements written", "plot written", "["))]
     return "\n".join(keep[-40:])
 
 
 def summarize(out: Path) -> str:
     lines = ["# first look", "", "```", _read(out / "gpu.txt").strip(), "```", ""]
     steps = _read(out / "steps.txt").strip()
-    lines += ["## Steps", "", "```", steps or "(none ran)", "```", ""]
+    cut = [line.split("] ", 1)[-1].split(":")[0] for line in steps.splitlines() if "CUT OFF" in line]
+    lines += ["## Steps", "", "```", steps or "(none ran)", "```", "",
+              f"Cut off by their budgets: {', '.join(cut)}." if cut else "No step was cut off.", ""]
     lines += ["## Large-C check (fused loss against a float32 oracle)", ""]
     large = out / "large_c.json"
     if large.exists():
         data = json.loads(large.read_text())
         lines.append(f"B={data['batch']} D={data['dim']} C={data['classes']:,} {data['dtype']} on {data['device']}, "
-                     f"tolerance {data['tolerance']:g}")
+                     f"tolerance {data['tolerance']:g}" + ("" if data.get("complete", True) else
+                                                          " (cut off: the backends it finished)"))
         lines += ["", "| backend | verdict | loss | dx | dW | seconds |", "|---|---|---|---|---|---|"]
         for r in data["rows"]:
             if "loss" in r:
@@ -47,8 +55,9 @@ def summarize(out: Path) -> str:
     for name, title in (("bench_margin", "ArcFace fwd+bwd"), ("bench_plain", "Plain linear cross-entropy (peers)")):
         lines += ["", f"## {title}", "", "```", _table(out / f"{name}.txt"), "```"]
     tests = _read(out / "tests.txt")
-    counts = re.findall(r"^(?:=+ )?(\d+ (?:passed|failed|tests collected).*?)(?: in [\d.]+s.*)?$", tests, re.M)
-    lines += ["", "## Tests", "", counts[-1] if counts else "(no result; see tests.txt)"]
+    if tests:  # (PHASE=tests, a call of its own)
+        counts = re.findall(r"^(?:=+ )?(\d+ (?:passed|failed|tests collected).*?)(?: in [\d.]+s.*)?$", tests, re.M)
+        lines += ["", "## Tests", "", counts[-1] if counts else "(no result; see tests.txt)"]
     return "\n".join(lines) + "\n"
 
 

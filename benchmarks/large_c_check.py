@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -139,11 +140,17 @@ def main(argv=None) -> int:
                  if "loss" in row else row["error"])
         print(f"  {name:<13} {'PASS' if row['ok'] else 'FAIL'}  relative errors {shown}  (tolerance {tol:g})",
               flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(classes=args.classes, dim=args.dim, batch=args.batch, dtype=args.dtype,
-                           device=args.device, tolerance=tol, rows=rows), f, indent=1)
+        if args.json:  # after every backend: a run cut off by a time limit keeps the rows it finished
+            write_json(args, tol, rows, complete=name == args.backends[-1])
     return 0 if ok else 1
+
+
+def write_json(args, tol: float, rows: list[dict], complete: bool) -> None:
+    tmp = f"{args.json}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(classes=args.classes, dim=args.dim, batch=args.batch, dtype=args.dtype, device=args.device,
+                       tolerance=tol, complete=complete, rows=rows), f, indent=1)
+    os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

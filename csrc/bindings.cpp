@@ -3,6 +3,9 @@
 // they receive, so that no input from Python can crash the process.
 #include <torch/extension.h>
 
+#include <cmath>
+
+#include "epilogue_math.h"
 #include "margin_ce.h"
 
 namespace {
@@ -174,6 +177,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> single_pass(
                                                 scale, block_rows, hard, subcenters);
 }
 
+// The epilogues' per-element math (epilogue_math.h, the code the CUDA kernels
+// compile) on the host, for the tests: logits [B, C*K] and inv [C*K] float32,
+// `hard` [4, B] or none, lse and coef [B]. Returns, per row and class, the
+// class cosine, its arg-max sub-center, the modulated logit s m(c) and
+// d loss / d c = coef exp(s m(c) - lse) m'(c).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> epilogue_math(
+    const at::Tensor& logits, const at::Tensor& inv, const c10::optional<at::Tensor>& hard, int64_t subcenters,
+    double scale, const at::Tensor& lse, const at::Tensor& coef) {
+  TORCH_CHECK(subcenters >= 1, "subcenters must be >= 1");
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.is_contiguous() &&
+                  logits.device().is_cpu() && logits.size(1) % subcenters == 0,
+              "logits must be a contiguous CPU float32 [B, C * subcenters] matrix");
+  const int64_t B = logits.size(0), C = logits.size(1) / subcenters;
+  for (const at::Tensor* t : {&inv, &lse, &coef}) {
+    TORCH_CHECK(t->dim() == 1 && t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
+                "inv, lse and coef must be contiguous CPU float32 vectors");
+  }
+  TORCH_CHECK(inv.size(0) == logits.size(1) && lse.size(0) == B && coef.size(0) == B,
+              "inv must have a row per logits column, lse and coef one per logits row");
+  check_hard(hard, logits);
+  TORCH_CHECK(!hard.has_value() || hard->device().is_cpu(), "hard must be on the CPU");
+  const float* h = hard.has_value() ? hard->data_ptr<float>() : nullptr;
+  auto cos = at::empty({B, C}, logits.options()), z = at::empty({B, C}, logits.options());
+  auto grad = at::empty({B, C}, logits.options());
+  auto arg = at::empty({B, C}, logits.options().dtype(at::kLong));
+  const float s = static_cast<float>(scale);
+  for (int64_t i = 0; i < B; ++i) {
+    const auto rule = margin_kernels::math::hard_rule(h, i, B);
+    for (int64_t j = 0; j < C; ++j) {
+      int64_t at_k;
+      const float c = margin_kernels::math::class_cosine(logits.data_ptr<float>() + i * logits.size(1), j,
+                                                         subcenters, inv.data_ptr<float>(), &at_k);
+      cos[i][j] = c;
+      arg[i][j] = at_k;
+      z[i][j] = s * rule.modulated(c);
+      grad[i][j] = margin_kernels::math::softmax_grad(c, s, lse.data_ptr<float>()[i], coef.data_ptr<float>()[i], rule,
+                                                      [](float v) { return std::exp(v); });
+    }
+  }
+  return {cos, arg, z, grad};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -194,4 +239,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x_hat"), py::arg("weight"), py::arg("w_inv"), py::arg("labels_local"),
         py::arg("target_logit"), py::arg("grad_rows"), py::arg("scale"), py::arg("block_rows"),
         py::arg("hard") = py::none(), py::arg("subcenters") = 1);
+  m.def("epilogue_math", &epilogue_math,
+        "the epilogues' per-element math on the host (the tests): (class cosine, arg-max, s m(c), dL/dc)",
+        py::arg("logits"), py::arg("inv"), py::arg("hard"), py::arg("subcenters"), py::arg("scale"), py::arg("lse"),
+        py::arg("coef"));
 }

@@ -93,6 +93,40 @@ def test_every_launch_grid_fits_cuda_limits(tb, c, b):
                 fits(tb.dx_grid(b, c, d, meta))
 
 
+if backends.is_available("triton"):
+    from margin_kernels.backends.triton_kernels import _atomic_tile
+
+    @triton.jit
+    def order_probe_kernel(OUT, B, BLOCK_M: tl.constexpr):
+        """Each program writes the (row tile, class tile) it runs at its slot in
+        launch order (CUDA dispatches blocks by x + y * gridDim.x)."""
+        pid_m, pid_n = _atomic_tile(B, BLOCK_M)
+        slot = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)
+        tl.store(OUT + 2 * slot, pid_m)
+        tl.store(OUT + 2 * slot + 1, pid_n)
+
+
+@pytest.mark.parametrize("b, c, max_yz", [(300, 500, 65_535), (64, 700, 65_535), (200, 900, 4), (1, 300, 65_535),
+                                          (130, 1_000, 3)])
+def test_the_atomic_backward_runs_every_row_tile_of_a_class_tile_together(tb, monkeypatch, b, c, max_yz):
+    """Programs adjacent in launch order cover distinct row tiles (every row
+    tile of a class tile before the next class tile), and every (row tile,
+    class tile) runs exactly once, also where class tiles are grouped to keep
+    grid axis 1 within its limit (forced here by a small limit)."""
+    monkeypatch.setattr(tb, "MAX_GRID_YZ", max_yz)
+    meta = {"BLOCK_M": 64, "BLOCK_N": 32}
+    grid = tb.atomic_grid(b, c, meta)
+    assert grid[1] <= max_yz
+    out = torch.full((grid[0] * grid[1], 2), -1, dtype=torch.int32, device=DEVICE)
+    order_probe_kernel[grid](out, b, BLOCK_M=meta["BLOCK_M"])
+    row_tiles, class_tiles = -(-b // meta["BLOCK_M"]), -(-c // meta["BLOCK_N"])
+    launched = [tuple(t) for t in out.cpu().tolist() if t[1] < class_tiles]
+    assert sorted(launched) == [(m, n) for m in range(row_tiles) for n in range(class_tiles)]
+    for start in range(len(launched) - row_tiles + 1):
+        window = [m for m, _ in launched[start : start + row_tiles]]
+        assert len(set(window)) == row_tiles, (start, window)
+
+
 # ---------------------------------------------------------------- device guard
 
 def test_device_guard_selects_the_tensors_device(tb):
@@ -212,20 +246,65 @@ def test_autotune_key_is_bucketed(tb, monkeypatch):
     assert seen == [(64, 128, 16)] * 3
 
 
-def test_subcenters_tune_over_their_own_tiles():
+H200_SHARED_MEMORY = 232_448  # bytes a block may opt into on sm_90
+
+
+def test_subcenters_tune_over_their_own_tiles(monkeypatch):
     """On a GPU, SUBCENTERS > 1 prunes the candidates to the smaller tiles that
     do not spill (and SUBCENTERS = 1 to the plain ones)."""
     from margin_kernels.backends import triton_kernels as K
 
+    monkeypatch.setattr(K, "_device_shared_memory", lambda: H200_SHARED_MEMORY)
+    bf16 = {"W": torch.empty(1, dtype=torch.bfloat16)}
     for kind in ("fwd", "bwd"):
-        spec = K._with_subcenter_configs(kind, interpret=False)
+        spec = K._autotune_args(kind, interpret=False, subcenters=True)
         prune = spec["prune_configs_by"]["early_config_prune"]
         configs = spec["configs"]
-        plain = [c.kwargs for c in prune(configs, {}, SUBCENTERS=1)]
-        sub = [c.kwargs for c in prune(configs, {}, SUBCENTERS=3)]
+        plain = [c.kwargs for c in prune(configs, bf16, SUBCENTERS=1)]
+        sub = [c.kwargs for c in prune(configs, bf16, SUBCENTERS=3)]
         assert plain == [c.kwargs for c in K._configs(kind, interpret=False)]
         assert sub == [c.kwargs for c in K._configs(kind, interpret=False, subcenters=True)]
         assert max(c["BLOCK_M"] * c["BLOCK_N"] for c in sub) < max(c["BLOCK_M"] * c["BLOCK_N"] for c in plain)
+
+
+def test_configs_that_cannot_fit_are_pruned_before_they_compile(monkeypatch):
+    """A 128 x 256 x 64, 3-stage fp32 forward needs 288 KiB of shared memory:
+    dropped before compiling on a 227 KiB device; in bf16 (144 KiB) it stays."""
+    from margin_kernels.backends import triton_kernels as K
+
+    big = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}
+    assert K.shared_memory_bytes("fwd", big, 3, 4) == 288 * 1024
+    assert K.shared_memory_bytes("fwd", big, 3, 2) == 144 * 1024
+    monkeypatch.setattr(K, "_device_shared_memory", lambda: H200_SHARED_MEMORY)
+    spec = K._autotune_args("fwd", interpret=False, subcenters=True)
+    prune = spec["prune_configs_by"]["early_config_prune"]
+    for dtype, kept in ((torch.float32, False), (torch.bfloat16, True)):
+        left = [c.kwargs for c in prune(spec["configs"], {"W": torch.empty(1, dtype=dtype)}, SUBCENTERS=1)]
+        assert (big in left) == kept and left
+    # upcast bf16 operands are fp32 tiles
+    left = [c.kwargs for c in prune(spec["configs"], {"W": torch.empty(1, dtype=torch.bfloat16)}, SUBCENTERS=1,
+                                    UPCAST=True)]
+    assert big not in left
+    # every kept config of every kernel fits by the estimate
+    for kind in ("fwd", "bwd", "bwd_dw", "bwd_dx"):
+        for config in K._configs(kind, interpret=False):
+            assert K.fits(kind, config, 2, H200_SHARED_MEMORY), (kind, config)
+
+
+def test_the_autotune_key_holds_every_variant_flag():
+    """A config tuned without hard negatives, without dW or with fast fp32 dots
+    is not reused for the other variant."""
+    from margin_kernels.backends import triton_kernels as K
+
+    kernels = {"fwd": K.lse_forward_kernel, "bwd": K.lse_backward_kernel, "bwd_dw": K.lse_backward_dw_kernel,
+               "bwd_dx": K.lse_backward_dx_kernel}
+    for kind, kernel in kernels.items():
+        constexprs = [n for n in kernel.arg_names if n.isupper() and n not in ("B", "C", "D") and
+                      not n.startswith("BLOCK") and n not in ("X", "W", "W_INV", "LABELS", "TARGET", "CLASS_INDEX",
+                                                               "HARD", "PART_MAX", "PART_SUM", "LSE", "GRAD", "DX",
+                                                               "DW", "B_BUCKET", "C_BUCKET")]
+        assert set(constexprs) <= set(kernel.keys), (kind, set(constexprs) - set(kernel.keys))
+        assert {"B_BUCKET", "C_BUCKET", "D"} <= set(kernel.keys)
 
 
 # ---------------------------------------------------------------- half weights

@@ -37,7 +37,7 @@ struct HardRows {
     }
   }
   bool on() const { return rows != nullptr; }
-  cpu::HardRule operator[](int64_t i) const { return {rows[i], rows[B + i], rows[2 * B + i], rows[3 * B + i]}; }
+  cpu::HardRule operator[](int64_t i) const { return math::hard_rule(rows, i, B); }
 };
 
 struct ZRow {

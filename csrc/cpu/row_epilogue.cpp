@@ -60,7 +60,7 @@ float scale_columns_max_hard(float* z, const float* inv, int64_t n, float scale,
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) {
     const float c = z[j] * inv[j];
-    z[j] = scale * (rule.hard(c) ? rule.value(c) : c);
+    z[j] = scale * rule.modulated(c);
     m = z[j] > m ? z[j] : m;
   }
   return m;
@@ -111,9 +111,7 @@ void softmax_grad_from_logits_hard(float* l, const float* inv, int64_t n, float 
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float c = l[j] * inv[j];
-    const bool hard = rule.hard(c);
-    const float z = scale * (hard ? rule.value(c) : c);
-    l[j] = coef * exp_f32(z - shift) * (hard ? rule.derivative(c) : 1.0f) * inv[j];
+    l[j] = coef * exp_f32(scale * rule.modulated(c) - shift) * rule.factor(c) * inv[j];
   }
 }
 
@@ -190,7 +188,7 @@ void hard_factors(const float* z, const float* inv, int64_t n, HardRule rule, fl
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     const float c = z[j] * inv[j];
-    out[j] = rule.hard(c) ? rule.derivative(c) : 1.0f;
+    out[j] = rule.factor(c);
   }
 }
 

@@ -4,19 +4,15 @@
 
 #include <cstdint>
 
+#include "../epilogue_math.h"
+
 namespace margin_kernels::cpu {
 
 // z_j <- scale * z_j * inv_j, in place; returns max_j z_j (n >= 1).
 float scale_columns_max(float* z, const float* inv, int64_t n, float scale);
 
-// A row's hard-negative rule (docs/DESIGN.md §1): a non-target cosine c above
-// `threshold` counts as m(c) = (a c + b) c + d, with derivative 2 a c + b.
-struct HardRule {
-  float threshold, a, b, d;
-  bool hard(float c) const { return c > threshold; }
-  float value(float c) const { return (a * c + b) * c + d; }
-  float derivative(float c) const { return 2.0f * a * c + b; }
-};
+// A row's hard-negative rule: the math shared with the CUDA epilogue.
+using HardRule = math::HardRule;
 
 // Hard negatives modulated: z_j <- scale * m(c_j), c_j = z_j * inv_j, where
 // c_j is hard, scale * c_j elsewhere; returns max_j z_j (n >= 1).

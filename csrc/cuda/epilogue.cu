@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <math.h>
 
+#include "../epilogue_math.h"
 #include "epilogue.cuh"
 
 namespace {
@@ -50,41 +51,12 @@ __device__ float block_reduce(float v, float* scratch) {
   return r;
 }
 
-// A row's hard-negative rule: threshold +inf (never hard) without one.
-// Rows of `hard` [4, B]: thresholds, then a, b, d of m(c) = (a c + b) c + d.
-struct HardRow {
-  float threshold, a, b, d;
-  __device__ HardRow(const float* hard, int64_t i, int64_t B)
-      : threshold(hard ? hard[i] : INFINITY),
-        a(hard ? hard[B + i] : 0.0f),
-        b(hard ? hard[2 * B + i] : 1.0f),
-        d(hard ? hard[3 * B + i] : 0.0f) {}
-  __device__ float value(float c) const { return c > threshold ? (a * c + b) * c + d : c; }
-  __device__ float derivative(float c) const { return c > threshold ? 2.0f * a * c + b : 1.0f; }
-};
-
-// Class j's cosine: the max over its `subs` columns of logits * inv; `arg`
-// gets the arg-max column's offset (the first of ties).
-__device__ __forceinline__ float class_cos(const float* row, int64_t j, int64_t subs, const float* inv,
-                                           int64_t* arg) {
-  const int64_t c0 = j * subs;
-  float best = row[c0] * inv[c0];
-  int64_t at = 0;
-  for (int64_t k = 1; k < subs; ++k) {
-    const float v = row[c0 + k] * inv[c0 + k];
-    if (v > best) {
-      best = v;
-      at = k;
-    }
-  }
-  *arg = at;
-  return best;
-}
+using margin_kernels::math::HardRule;
 
 __device__ __forceinline__ float z_at(const float* row, int64_t j, int64_t subs, const float* inv, float scale,
-                                      int64_t t, float target, const HardRow& hard) {
+                                      int64_t t, float target, const HardRule& rule) {
   int64_t arg;
-  return j == t ? target : scale * hard.value(class_cos(row, j, subs, inv, &arg));
+  return j == t ? target : scale * rule.modulated(margin_kernels::math::class_cosine(row, j, subs, inv, &arg));
 }
 
 template <typename T>
@@ -114,7 +86,7 @@ __global__ void forward_epilogue_kernel(const float* __restrict__ logits, int64_
   const float* row = logits + i * ld;
   const int64_t t = labels[i] >= 0 ? labels[i] - col0 : -1;
   const float tgt = target[i];
-  const HardRow hr(hard, i, B);
+  const HardRule hr = margin_kernels::math::hard_rule(hard, i, B);
   float m = -INFINITY;
   for (int64_t j = threadIdx.x; j < K; j += kThreads) m = fmaxf(m, z_at(row, j, subs, inv, scale, t, tgt, hr));
   const float old_max = row_max[i];
@@ -141,10 +113,12 @@ __global__ void backward_epilogue_kernel(const float* logits,  // may alias dz
     const int64_t i = e / K, j = e % K;
     const float coef = grad[i] * scale;
     const bool is_target = labels[i] >= 0 && labels[i] - col0 == j;
-    const HardRow hr(hard, i, B);
+    const HardRule hr = margin_kernels::math::hard_rule(hard, i, B);
     int64_t arg;
-    const float c = class_cos(logits + i * ld, j, subs, inv, &arg);
-    const float d = coef == 0.0f || is_target ? 0.0f : coef * __expf(scale * hr.value(c) - lse[i]) * hr.derivative(c);
+    const float c = margin_kernels::math::class_cosine(logits + i * ld, j, subs, inv, &arg);
+    const float d = coef == 0.0f || is_target
+                        ? 0.0f
+                        : margin_kernels::math::softmax_grad(c, scale, lse[i], coef, hr, [](float v) { return __expf(v); });
     for (int64_t k = 0; k < subs; ++k) {
       const int64_t col = j * subs + k;
       dz[i * ld_out + col] = from_float<T>(k == arg ? d * inv[col] : 0.0f);

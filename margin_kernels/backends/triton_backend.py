@@ -9,6 +9,7 @@ negatives use it.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import Tensor
@@ -114,20 +115,55 @@ def forward_grid(b: int, splits: int, meta: dict) -> tuple[int, int]:
     return triton.cdiv(b, meta["BLOCK_M"]), splits
 
 
+# CUDA's limit on grid axes 1 and 2 (axis 0 takes up to 2**31 - 1).
+MAX_GRID_YZ = 65_535
+
+
 def atomic_grid(b: int, c: int, meta: dict) -> tuple[int, int]:
-    return triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(b, meta["BLOCK_M"])
+    """The atomic backward's grid: (row tiles x G, class tiles / G). Programs
+    run in launch order (axis 0 fastest) and ``_atomic_tile`` maps them so
+    that every row tile of a class tile comes before the next class tile:
+    programs resident together add into distinct dx row tiles (class tiles
+    fastest would pile every resident program's dx atomics onto one B_M x D
+    slice). G consecutive class tiles share an axis-1 step, so that axis 1
+    stays within CUDA's 65535 at any C."""
+    tiles = triton.cdiv(c, meta["BLOCK_N"])
+    group = triton.cdiv(tiles, MAX_GRID_YZ)
+    return triton.cdiv(b, meta["BLOCK_M"]) * group, triton.cdiv(tiles, group)
 
 
 def dw_grid(c: int, d: int, meta: dict) -> tuple[int, int]:
     return triton.cdiv(c, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_D"])
 
 
-def dx_grid(b: int, c: int, d: int, meta: dict) -> tuple[int, int, int]:
+def dx_grid(b: int, c: int, d: int, meta: dict, deterministic: bool = False) -> tuple[int, int, int]:
     """(row tiles, class splits, D chunks) of the split backward's dx kernel:
-    enough class splits to fill the GPU, each an fp32 atomic add of its partial."""
+    enough class splits to fill the GPU, each an fp32 atomic add of its partial;
+    one split when ``deterministic`` (each dx entry then gets one add onto 0)."""
     tiles = triton.cdiv(b, meta["BLOCK_M"]) * triton.cdiv(d, meta["BLOCK_D"])
     splits = max(1, min(triton.cdiv(FORWARD_PROGRAMS, tiles), triton.cdiv(c, meta["BLOCK_N"])))
-    return triton.cdiv(b, meta["BLOCK_M"]), splits, triton.cdiv(d, meta["BLOCK_D"])
+    return triton.cdiv(b, meta["BLOCK_M"]), 1 if deterministic else splits, triton.cdiv(d, meta["BLOCK_D"])
+
+
+NON_DETERMINISTIC = ("backend='triton' with sub-centers adds dx and dW through float atomics, whose sum depends "
+                     "on scheduling, and has no deterministic implementation; torch.use_deterministic_algorithms("
+                     "True) is set. Use backend='cpp' (deterministic), or turn the setting off")
+
+
+def backward_strategy(options, subcenters: int) -> tuple[str, bool]:
+    """(the backward to run, whether it must be deterministic). Under
+    ``torch.use_deterministic_algorithms(True)``: the split backward with one
+    class split for dx (no sum whose order depends on scheduling), and
+    sub-centers, which only the atomic backward takes, raise as PyTorch's own
+    non-deterministic operations do (or warn, with ``warn_only=True``)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if subcenters > 1:
+        if deterministic:
+            if not torch.is_deterministic_algorithms_warn_only_enabled():
+                raise RuntimeError(NON_DETERMINISTIC)
+            warnings.warn(NON_DETERMINISTIC)
+        return "atomic", False
+    return ("split", True) if deterministic else (options.triton_backward, False)
 
 
 # ---------------------------------------------------------------- the contract
@@ -198,13 +234,20 @@ def lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, o
                  subcenters=1, weight_grad=True, target_rows=None, target_dw=None):
     """(dx_hat fp32 [B, D], dW in weight's dtype with a row per row the shard
     reads (C, the index's length, times the sub-centers), or None without
-    ``weight_grad``; ``target_dw`` added to rows ``target_rows`` in fp32), by ``options.triton_backward``: "atomic" (one kernel,
+    ``weight_grad``; ``target_dw`` added to rows ``target_rows`` in fp32), by
+    ``options.triton_backward`` (``backward_strategy``): "atomic" (one kernel,
     fp32 atomics into dx and dW) or "split" (a dW kernel without atomics and a
-    dx kernel, each recomputing the logits). Which wins is a matter of atomic
-    throughput against 2 B D C more FLOPs."""
+    dx kernel).
+
+    The cost of each: the atomic backward recomputes the logits once and forms
+    both gradients, 6 B D C FLOPs. The split kernels each recompute the logits
+    once per D chunk of BLOCK_D (the accumulator of a whole 512-wide row spills
+    on sm_90), (4 ceil(D / BLOCK_D) + 4) B D C in all: at D = 512, 6 B D C more
+    than the atomic one with 256-wide chunks, 14 B D C more with 128-wide ones.
+    Which wins is a matter of atomic throughput against those FLOPs."""
     _check(x_hat, weight)
     S = subcenters
-    strategy = options.triton_backward if S == 1 else "atomic"
+    strategy, deterministic = backward_strategy(options, S)
     b, d = x_hat.shape
     c = _num_rows(weight, class_index) // S
     dx = torch.zeros(b, d, dtype=torch.float32, device=x_hat.device)
@@ -227,7 +270,7 @@ def lse_backward(x_hat, weight, w_inv, labels_local, lse, grad_rows, *, scale, o
                 return dx, None
         if strategy == "split":
             sizes = _sizes(b, c, d, x_hat.shape[1], weight.stride(0), scale)
-            K.lse_backward_dx_kernel[lambda meta: dx_grid(b, c, d, meta)](
+            K.lse_backward_dx_kernel[lambda meta: dx_grid(b, c, d, meta, deterministic)](
                 x_op, weight, w_inv, labels_local, lse, g, _index_arg(weight, class_index), hard_arg, dx, *sizes,
                 **flags,
             )

@@ -30,6 +30,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # batch, evaluation) must not retune, each trial of the atomic backward zeroing a
 # [C, D] buffer. B_BUCKET and C_BUCKET are arguments for the key only.
 AUTOTUNE_KEY = ["B_BUCKET", "C_BUCKET", "D"]
+# Every flag that changes the compiled kernel is in its key too: a config tuned
+# for one variant (no hard negatives, no dW, fast fp32 dots) is not reused for
+# another. (Triton adds the tensors' dtypes itself.)
+VARIANT_KEYS = {
+    "fwd": ["HAS_INDEX", "HAS_HARD", "SUBCENTERS", "UPCAST", "IEEE"],
+    "bwd": ["HAS_INDEX", "HAS_HARD", "SUBCENTERS", "UPCAST", "IEEE", "SCALE", "WITH_DW"],
+    "bwd_dw": ["HAS_INDEX", "HAS_HARD", "UPCAST", "IEEE", "SCALE"],
+    "bwd_dx": ["HAS_INDEX", "HAS_HARD", "UPCAST", "IEEE", "SCALE"],
+}
+# Registers a thread may give its fp32 accumulators before a config is not
+# worth benchmarking (of 255; the rest hold operands, indices and the epilogue).
+MAX_ACCUMULATOR_REGISTERS = 128
 # 2^14: gradient tiles are scaled below it before an fp16 cast (fp16 max 65,504)
 FP16_MAX_OPERAND = tl.constexpr(16384.0)
 
@@ -52,8 +64,9 @@ def _configs(kind: str, interpret: bool = INTERPRET, subcenters: bool = False) -
     shapes = {
         "fwd": [(128, 128, 64, 0, 8, 3), (128, 256, 64, 0, 8, 3), (64, 128, 64, 0, 4, 4), (128, 64, 64, 0, 4, 4),
                 (64, 64, 64, 0, 4, 3)],
-        # two accumulators per D chunk: smaller tiles
-        "bwd": [(64, 128, 64, 0, 8, 3), (128, 64, 64, 0, 8, 3), (64, 64, 64, 0, 4, 3), (128, 128, 32, 0, 8, 2)],
+        # two accumulators per D chunk: smaller tiles (a 128 x 128 x 32 tile needs 255 registers and
+        # spills with the hard-negative rule's three coefficients on sm_90: benchmarks/triton_aot.py)
+        "bwd": [(64, 128, 64, 0, 8, 3), (128, 64, 64, 0, 8, 3), (64, 64, 64, 0, 4, 3)],
         # a [BLOCK_N, BLOCK_D] (dW) or [BLOCK_M, BLOCK_D] (dx) accumulator lives across the whole loop;
         # a BLOCK_D below D recomputes the logits once per D chunk. (512-wide D chunks, and a 128 x 64 dW
         # tile with a 256-wide chunk, spill on sm_90 with hard negatives in bf16 / fp16:
@@ -78,19 +91,63 @@ def _configs(kind: str, interpret: bool = INTERPRET, subcenters: bool = False) -
     return configs
 
 
-def _with_subcenter_configs(kind: str, interpret: bool = INTERPRET) -> dict:
-    """autotune() arguments of a kernel that takes SUBCENTERS: both candidate
-    lists, pruned to the one the launch needs, and SUBCENTERS in the key."""
+def shared_memory_bytes(kind: str, meta: dict, num_stages: int, operand_bytes: int) -> int:
+    """Shared memory a config's pipelined operand tiles take: per stage, a
+    BLOCK_M x BLOCK_K and a BLOCK_N x BLOCK_K tile of the GEMM operands (the
+    split kernels also stream a BLOCK_D-wide block of x or W)."""
+    per_stage = (meta["BLOCK_M"] + meta["BLOCK_N"]) * meta["BLOCK_K"]
+    if "BLOCK_D" in meta:
+        per_stage += (meta["BLOCK_N"] if kind == "bwd_dx" else meta["BLOCK_M"]) * meta["BLOCK_D"]
+    return num_stages * per_stage * operand_bytes
+
+
+def accumulator_registers(kind: str, meta: dict, num_warps: int) -> int:
+    """fp32 registers per thread of the accumulators a config keeps live: the
+    logits tile, and the split kernels' [BLOCK_N or BLOCK_M, BLOCK_D] sum."""
+    elements = meta["BLOCK_M"] * meta["BLOCK_N"]
+    if kind == "bwd_dw":
+        elements += meta["BLOCK_N"] * meta["BLOCK_D"]
+    elif kind == "bwd_dx":
+        elements += meta["BLOCK_M"] * meta["BLOCK_D"]
+    return elements // (32 * num_warps)
+
+
+def fits(kind: str, config: triton.Config, operand_bytes: int, max_shared_memory: int) -> bool:
+    """Whether a config can run at all (shared memory) and is worth timing
+    (accumulator registers), estimated before any compile;
+    benchmarks/triton_aot.py measures the kept ones (spills, shared memory)."""
+    meta = config.kwargs
+    return (shared_memory_bytes(kind, meta, config.num_stages, operand_bytes) <= max_shared_memory
+            and accumulator_registers(kind, meta, config.num_warps) <= MAX_ACCUMULATOR_REGISTERS)
+
+
+def _device_shared_memory() -> int:
+    import torch
+
+    props = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
+    return props["max_shared_mem"]
+
+
+def _autotune_args(kind: str, interpret: bool = INTERPRET, subcenters: bool = False) -> dict:
+    """autotune() arguments of one kernel: its candidates, its key (the shape
+    buckets and every variant flag), and a pruning that keeps the candidates
+    the launch can use (the sub-center list where SUBCENTERS > 1) and that fit
+    the device, before anything is compiled or timed."""
+    key = AUTOTUNE_KEY + VARIANT_KEYS[kind]
     plain = _configs(kind, interpret)
     if interpret:
-        return dict(configs=plain, key=AUTOTUNE_KEY + ["SUBCENTERS"])
-    sub = _configs(kind, interpret, subcenters=True)
+        return dict(configs=plain, key=key)
+    sub = _configs(kind, interpret, subcenters=True) if subcenters else []
 
     def prune(configs, named_args, **kwargs):
         wanted = sub if kwargs.get("SUBCENTERS", 1) > 1 else plain
-        return [c for c in configs if any(c is w for w in wanted)]
+        operand_bytes = 4 if kwargs.get("UPCAST") or named_args["W"].element_size() == 4 else 2
+        smem = _device_shared_memory()
+        kept = [c for c in configs if any(c is w for w in wanted) and fits(kind, c, operand_bytes, smem)]
+        # (none fits: the smallest tile, rather than no kernel at all)
+        return kept or [min(wanted, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
-    return dict(configs=plain + sub, key=AUTOTUNE_KEY + ["SUBCENTERS"], prune_configs_by={"early_config_prune": prune})
+    return dict(configs=plain + sub, key=key, prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit
@@ -132,10 +189,21 @@ def _grad_operands(e, blk, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _grad_dx(e, w_blk, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr):
-    """e . W_blk in fp32; with SCALE (fp16 operands) e's rows are scaled first."""
+def _operand_scale(e, AXIS: tl.constexpr, SCALE: tl.constexpr):
+    """With SCALE (fp16 operands), ``_fp16_scale`` of each row (AXIS=1, for
+    dx) or column (AXIS=0, for dW) of a gradient tile: computed once per tile,
+    not once per D chunk (only the two small vectors stay live across the D
+    loop, not a scaled copy of the tile); without, 1."""
     if SCALE:
-        scale = _fp16_scale(e, 1)
+        return _fp16_scale(e, AXIS)
+    else:
+        return 1.0
+
+
+@triton.jit
+def _grad_dx(e, scale, w_blk, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr):
+    """e . W_blk in fp32; with SCALE, e's rows scaled by ``scale`` (``_operand_scale(e, 1)``) first."""
+    if SCALE:
         a, b = _grad_operands(e * scale[:, None], w_blk, UPCAST)
         return _dot(a, b, IEEE) / scale[:, None]
     else:
@@ -144,10 +212,9 @@ def _grad_dx(e, w_blk, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.const
 
 
 @triton.jit
-def _grad_dw(e, x_blk, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr):
-    """e^T . x_blk in fp32; with SCALE (fp16 operands) e's columns are scaled first."""
+def _grad_dw(e, scale, x_blk, UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr):
+    """e^T . x_blk in fp32; with SCALE, e's columns scaled by ``scale`` (``_operand_scale(e, 0)``) first."""
     if SCALE:
-        scale = _fp16_scale(e, 0)
         a, b = _grad_operands(e * scale[None, :], x_blk, UPCAST)
         return _dot(tl.trans(a), b, IEEE) / scale[:, None]
     else:
@@ -192,6 +259,17 @@ def _split_tiles(pid_s, n_splits, C, BLOCK_N: tl.constexpr):
     tiles = tl.cdiv(C, BLOCK_N)
     per_split = tl.cdiv(tiles, n_splits)
     return pid_s * per_split, tl.minimum((pid_s + 1) * per_split, tiles)
+
+
+@triton.jit
+def _atomic_tile(B, BLOCK_M: tl.constexpr):
+    """(row tile, class tile) of this program of the atomic backward, whose
+    grid is ``atomic_grid``'s: row tiles move fastest in launch order, so that
+    programs running together add into distinct dx row tiles."""
+    row_tiles = tl.cdiv(B, BLOCK_M)
+    pid0 = tl.program_id(0)
+    group = tl.num_programs(0) // row_tiles
+    return pid0 % row_tiles, tl.program_id(1) * group + pid0 // row_tiles
 
 
 @triton.jit
@@ -277,7 +355,7 @@ def _row_grad(e, arg, local, col_ok, W_INV, k, SUBCENTERS: tl.constexpr):
         return tl.where(arg == k, e, 0.0) * inv[None, :]
 
 
-@triton.autotune(**_with_subcenter_configs("fwd"))
+@triton.autotune(**_autotune_args("fwd", subcenters=True))
 @triton.jit
 def lse_forward_kernel(
     X, W, W_INV, LABELS, TARGET, CLASS_INDEX, HARD, PART_MAX, PART_SUM,
@@ -315,7 +393,7 @@ def lse_forward_kernel(
 
 # DW is this launch's own scratch; DX gathers every class chunk's share, so
 # tuning trials must leave it as they found it.
-@triton.autotune(**_with_subcenter_configs("bwd"), reset_to_zero=["DW"], restore_value=["DX"])
+@triton.autotune(**_autotune_args("bwd", subcenters=True), reset_to_zero=["DW"], restore_value=["DX"])
 @triton.jit
 def lse_backward_kernel(
     X, W, W_INV, LABELS, LSE, GRAD, CLASS_INDEX, HARD, DX, DW,
@@ -324,32 +402,37 @@ def lse_backward_kernel(
     IEEE: tl.constexpr, SCALE: tl.constexpr, WITH_DW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Program (class tile, row tile): recompute the cosines, form e = dL/dc
+    """Program (row tile, class tile) (``_atomic_tile``): recompute the cosines, form e = dL/dc
     (``_grad_tile``), then for each sub-center (one without them) add its
     share (``_row_grad``) e_k . W_k into dx and (WITH_DW) e_k^T . x_hat into
     its dW rows (both fp32, through atomics, D chunk by chunk)."""
-    rows, row_ok, safe_rows = _tile_rows(tl.program_id(1), B, BLOCK_M)
-    cols, col_ok = _tile_columns(tl.program_id(0), C, BLOCK_N)
-    c, arg = _class_cosines(X, W, W_INV, CLASS_INDEX, safe_rows, cols, col_ok, C, D, stride_x, stride_w,
-                            BLOCK_M, BLOCK_N, BLOCK_K, HAS_INDEX, SUBCENTERS, UPCAST, IEEE)
-    e = _grad_tile(c, rows, row_ok, cols, col_ok, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD)
-    for k in tl.static_range(SUBCENTERS):
-        local, w_rows = _subcenter_rows(cols, C, CLASS_INDEX, k, SUBCENTERS, HAS_INDEX)
-        e_k = _row_grad(e, arg, local, col_ok, W_INV, k, SUBCENTERS)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            w_blk = tl.load(W + _offsets(w_rows, stride_w, ks), mask=k_ok[None, :], other=0.0)
-            dx = _grad_dx(e_k, w_blk, UPCAST, IEEE, SCALE)
-            # gradient sums need no memory ordering: relaxed, not the default acq_rel
-            tl.atomic_add(DX + _offsets(rows, D, ks), dx, mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
-            if WITH_DW:
-                x_blk = tl.load(X + _offsets(safe_rows, stride_x, ks), mask=k_ok[None, :], other=0.0)
-                dw = _grad_dw(e_k, x_blk, UPCAST, IEEE, SCALE)
-                tl.atomic_add(DW + _offsets(local, D, ks), dw, mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
+    pid_m, pid_n = _atomic_tile(B, BLOCK_M)
+    if pid_n < tl.cdiv(C, BLOCK_N):  # (the last group of class tiles may be partial)
+        rows, row_ok, safe_rows = _tile_rows(pid_m, B, BLOCK_M)
+        cols, col_ok = _tile_columns(pid_n, C, BLOCK_N)
+        c, arg = _class_cosines(X, W, W_INV, CLASS_INDEX, safe_rows, cols, col_ok, C, D, stride_x, stride_w,
+                                BLOCK_M, BLOCK_N, BLOCK_K, HAS_INDEX, SUBCENTERS, UPCAST, IEEE)
+        e = _grad_tile(c, rows, row_ok, cols, col_ok, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD)
+        for k in tl.static_range(SUBCENTERS):
+            local, w_rows = _subcenter_rows(cols, C, CLASS_INDEX, k, SUBCENTERS, HAS_INDEX)
+            e_k = _row_grad(e, arg, local, col_ok, W_INV, k, SUBCENTERS)
+            scale_rows = _operand_scale(e_k, 1, SCALE)
+            scale_cols = _operand_scale(e_k, 0, SCALE)
+            for k0 in range(0, D, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < D
+                w_blk = tl.load(W + _offsets(w_rows, stride_w, ks), mask=k_ok[None, :], other=0.0)
+                dx = _grad_dx(e_k, scale_rows, w_blk, UPCAST, IEEE, SCALE)
+                # gradient sums need no memory ordering: relaxed, not the default acq_rel
+                tl.atomic_add(DX + _offsets(rows, D, ks), dx, mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
+                if WITH_DW:
+                    x_blk = tl.load(X + _offsets(safe_rows, stride_x, ks), mask=k_ok[None, :], other=0.0)
+                    dw = _grad_dw(e_k, scale_cols, x_blk, UPCAST, IEEE, SCALE)
+                    tl.atomic_add(DW + _offsets(local, D, ks), dw, mask=col_ok[:, None] & k_ok[None, :],
+                                  sem="relaxed")
 
 
-@triton.autotune(configs=_configs("bwd_dw"), key=AUTOTUNE_KEY)
+@triton.autotune(**_autotune_args("bwd_dw"))
 @triton.jit
 def lse_backward_dw_kernel(
     X, W, W_INV, LABELS, LSE, GRAD, CLASS_INDEX, HARD, DW,
@@ -375,11 +458,11 @@ def lse_backward_dw_kernel(
         c = acc * inv[None, :]
         e = _grad_tile(c, rows, row_ok, cols, col_ok, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD) * inv[None, :]
         x_blk = tl.load(X + _offsets(safe_rows, stride_x, ds), mask=d_ok[None, :], other=0.0)
-        dw += _grad_dw(e, x_blk, UPCAST, IEEE, SCALE)
+        dw += _grad_dw(e, _operand_scale(e, 0, SCALE), x_blk, UPCAST, IEEE, SCALE)
     tl.store(DW + _offsets(cols, D, ds), dw, mask=col_ok[:, None] & d_ok[None, :])
 
 
-@triton.autotune(configs=_configs("bwd_dx"), key=AUTOTUNE_KEY, reset_to_zero=["DX"])
+@triton.autotune(**_autotune_args("bwd_dx"), reset_to_zero=["DX"])
 @triton.jit
 def lse_backward_dx_kernel(
     X, W, W_INV, LABELS, LSE, GRAD, CLASS_INDEX, HARD, DX,
@@ -405,7 +488,7 @@ def lse_backward_dx_kernel(
         c = acc * inv[None, :]
         e = _grad_tile(c, rows, row_ok, cols, col_ok, LABELS, LSE, GRAD, HARD, B, scale, HAS_HARD) * inv[None, :]
         w_blk = tl.load(W + _offsets(w_rows, stride_w, ds), mask=d_ok[None, :], other=0.0)
-        dx += _grad_dx(e, w_blk, UPCAST, IEEE, SCALE)
+        dx += _grad_dx(e, _operand_scale(e, 1, SCALE), w_blk, UPCAST, IEEE, SCALE)
     tl.atomic_add(DX + _offsets(rows, D, ds), dx, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
 
 

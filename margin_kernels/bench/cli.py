@@ -57,7 +57,20 @@ def _backend_runs_on(name: str, device: str) -> bool:
     return device.startswith("cuda")  # triton
 
 
-def run_sweep(args) -> list[Result]:
+def _payload(results: list[Result]) -> list[dict]:
+    return [dict(asdict(r), time_ms=r.time_ms, tflops=useful_tflops(r) if r.time_ms else None) for r in results]
+
+
+def write_json(path: str, title: str, payload: list[dict], complete: bool) -> None:
+    """The measurements so far; ``complete`` is False while the sweep runs, so
+    that a sweep cut off by a time limit leaves every row it finished."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(dict(title=title, complete=complete, results=payload), f, indent=1)
+    os.replace(tmp, path)
+
+
+def run_sweep(args, title: str = "") -> list[Result]:
     impls = args.backends or available_impls(args.device, args.margin)
     cases = [
         Case(impl, args.batch, args.dim, c, args.dtype, args.margin, args.device, args.repeat, args.mem_limit_bytes)
@@ -71,6 +84,8 @@ def run_sweep(args) -> list[Result]:
         results.append(res)
         shown = f"{res.time_ms:.0f} ms" if res.status == "ok" else res.status
         progress.update(f"{case.impl} C={case.classes}: {shown}")
+        if args.json:
+            write_json(args.json, title, _payload(results), complete=False)
     return results
 
 
@@ -186,7 +201,7 @@ def main(argv=None) -> int:
         print(format_scale(found, args.budget_gib))
         payload = [dict(impl=i, max_classes=c) for i, c, _ in found]
     else:
-        results = run_sweep(args)
+        results = run_sweep(args, title)
         impls_run = [r.case.impl for r in results]
         naive = "reference" if "reference" in impls_run else impls_run[0]
         print(format_table(results, naive=naive))
@@ -197,14 +212,12 @@ def main(argv=None) -> int:
         conclusion = format_conclusion(results, naive)
         if conclusion:
             print(conclusion)
-        payload = [dict(asdict(r), time_ms=r.time_ms, tflops=useful_tflops(r) if r.time_ms else None)
-                   for r in results]
+        payload = _payload(results)
         if args.plot:
             plot(results, args.plot, title)
             print(f"plot written to {args.plot}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(title=title, results=payload), f, indent=1)
+        write_json(args.json, title, payload, complete=True)
         print(f"measurements written to {args.json}")
     return 0
 

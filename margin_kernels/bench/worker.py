@@ -142,6 +142,9 @@ def spawn(case: Case, timeout: float) -> Result:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return Result(case, status="error", message=f"timed out after {timeout:.0f} s")
+    for line in proc.stdout.splitlines():  # the autotuner's choices (TRITON_PRINT_AUTOTUNING=1), into the log
+        if "autotuning" in line.lower() or "best config" in line.lower():
+            sys.stderr.write(f"  [{case.impl} C={case.classes}] {line.strip()}\n")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             data = json.loads(line)
