@@ -52,8 +52,9 @@ def _configs(kind: str, interpret: bool = INTERPRET, subcenters: bool = False) -
     shapes = {
         "fwd": [(128, 128, 64, 0, 8, 3), (128, 256, 64, 0, 8, 3), (64, 128, 64, 0, 4, 4), (128, 64, 64, 0, 4, 4),
                 (64, 64, 64, 0, 4, 3)],
-        # two accumulators per D chunk: smaller tiles
-        "bwd": [(64, 128, 64, 0, 8, 3), (128, 64, 64, 0, 8, 3), (64, 64, 64, 0, 4, 3), (128, 128, 32, 0, 8, 2)],
+        # two accumulators per D chunk: smaller tiles (a 128 x 128 x 32 tile needs 255 registers and
+        # spills with the hard-negative rule's three coefficients on sm_90: benchmarks/triton_aot.py)
+        "bwd": [(64, 128, 64, 0, 8, 3), (128, 64, 64, 0, 8, 3), (64, 64, 64, 0, 4, 3)],
         # a [BLOCK_N, BLOCK_D] (dW) or [BLOCK_M, BLOCK_D] (dx) accumulator lives across the whole loop;
         # a BLOCK_D below D recomputes the logits once per D chunk. (512-wide D chunks, and a 128 x 64 dW
         # tile with a 256-wide chunk, spill on sm_90 with hard negatives in bf16 / fp16:
