@@ -19,9 +19,11 @@ def _table(path: Path) -> str:
     """The table lines of a bench text output (from its title to the legend);
     for a run cut off before its table, the rows it finished (its progress
     lines). The autotuner's choices are left in the text file."""
-    text = _read(path)
-    if not text:
+    if not path.exists():
         return "(not run)"
+    text = _read(path)
+    if not text.strip():
+        return "(cut off or failed before its first row: see its step above)"
     lines = [line for line in text.splitlines() if not line.startswith("  [")]  # autotuner lines
     if not any(line.startswith("speedup =") for line in lines):
         done = [line for line in lines if line.startswith("[")]
@@ -51,7 +53,7 @@ def summarize(out: Path) -> str:
             else:
                 lines.append(f"| {r['backend']} | FAIL | {r.get('error', '')} | | | |")
     else:
-        lines.append("(not run; see large_c.txt)")
+        lines.append("(no backend finished: see large_c.txt)" if (out / "large_c.txt").exists() else "(not run)")
     for name, title in (("bench_margin", "ArcFace fwd+bwd"), ("bench_plain", "Plain linear cross-entropy (peers)")):
         lines += ["", f"## {title}", "", "```", _table(out / f"{name}.txt"), "```"]
     tests = _read(out / "tests.txt")

@@ -65,4 +65,5 @@ def test_a_step_past_its_budget_is_cut_off_and_reported(tmp_path):
         assert f"{step}: CUT OFF at its budget" in steps, steps
     summary = (tmp_path / "summary.md").read_text()
     assert "Cut off by their budgets: large-C check, bench_margin, bench_plain." in summary
-    assert "(cut off before its table" in summary and "phase first-look done" in steps
+    assert "(not run)" not in summary and summary.count("(cut off") == 2 and "(no backend finished" in summary
+    assert "phase first-look done" in steps

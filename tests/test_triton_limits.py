@@ -226,10 +226,10 @@ def test_autotune_key_is_bucketed(tb, monkeypatch):
 
     assert K.autotune_bucket(1) == 1 and K.autotune_bucket(37) == 64 and K.autotune_bucket(64) == 64
     assert K.autotune_bucket(1_000_001) == 2**20
-    for kernel in (K.lse_forward_kernel, K.lse_backward_kernel):  # (SUBCENTERS is fixed per model)
-        assert list(kernel.keys) == ["B_BUCKET", "C_BUCKET", "D", "SUBCENTERS"]
-    for kernel in (K.lse_backward_dw_kernel, K.lse_backward_dx_kernel):
-        assert list(kernel.keys) == ["B_BUCKET", "C_BUCKET", "D"]
+    # the shapes, bucketed, then flags fixed per model (variants: test_the_autotune_key_holds_every_variant_flag)
+    for kernel in (K.lse_forward_kernel, K.lse_backward_kernel, K.lse_backward_dw_kernel, K.lse_backward_dx_kernel):
+        assert list(kernel.keys)[:3] == ["B_BUCKET", "C_BUCKET", "D"]
+        assert not {"B", "C"} & set(kernel.keys)
     seen = []
     original = K.lse_forward_kernel.run
 
