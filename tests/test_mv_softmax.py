@@ -125,7 +125,7 @@ def test_reference_gradcheck():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])  # ("sum": the mean's path times a count)
 @pytest.mark.parametrize("single_pass", [True, False], ids=["single-pass", "class-blocked"])
 def test_backends_equal_the_reference(backend, form, reduction, single_pass):
     if backend == "triton" and single_pass:
