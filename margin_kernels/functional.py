@@ -218,11 +218,7 @@ def _fused_loss(name, embeddings, weight, labels, valid, geo, step, margin, targ
 
 def reduce_penalty(penalty: Tensor, valid: Tensor, reduction: str) -> Tensor:
     """A per-row penalty over the valid rows, reduced as the loss is."""
-    rows = torch.where(valid, penalty, torch.zeros_like(penalty))
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    return total / valid.sum().clamp_min(1) if reduction == "mean" else total
+    return reference.reduce_rows(torch.where(valid, penalty, torch.zeros_like(penalty)), valid, reduction)
 
 
 def kernel_options(options: backends.KernelOptions | None, workspace_bytes: int | None) -> backends.KernelOptions:

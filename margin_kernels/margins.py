@@ -634,8 +634,8 @@ class CurricularFace(Margin):
             t = self.updated_t(t, batch.cos_target.to(t.dtype), batch.valid)
         if margins is None:
             margins = super().step(batch, state).margins
-        c, sin = batch.cos_target.double(), batch.sin_target.double()
-        threshold = c * math.cos(self.m) - sin * math.sin(self.m)
+        c = batch.cos_target.double()
+        threshold = _angle_plus(c, batch.sin_target.double(), self.m)
         t_row = t.detach().double().expand_as(c)
         hard = HardNegatives(_only_valid(threshold, batch.valid), torch.ones_like(c), t_row, torch.zeros_like(c))
         return MarginStep(margins, hard=hard, state={"t": t})
@@ -687,11 +687,8 @@ class MVSoftmax(Margin):
     def step(self, batch, state=None, *, update=False, margins=None):
         if margins is None:
             margins = super().step(batch, state).margins
-        c, sin = batch.cos_target.double(), batch.sin_target.double()
-        if self.form == "am":
-            threshold = c - self.m
-        else:
-            threshold = c * math.cos(self.m) - sin * math.sin(self.m)
+        c = batch.cos_target.double()
+        threshold = c - self.m if self.form == "am" else _angle_plus(c, batch.sin_target.double(), self.m)
         t = torch.full_like(c, float(self.t))
         hard = HardNegatives(_only_valid(threshold, batch.valid), torch.zeros_like(c), t, t - 1.0)
         return MarginStep(margins, hard=hard)
@@ -700,6 +697,11 @@ class MVSoftmax(Margin):
 #: Every margin family, in the order of the README's table.
 FAMILIES: tuple[type[Margin], ...] = (NormSoftmax, CosFace, ArcFace, SphereFace, CombinedMargin, ElasticArcFace,
                                       ElasticCosFace, AdaFace, MagFace, CurricularFace, MVSoftmax)
+
+
+def _angle_plus(c: Tensor, sin: Tensor, m: float) -> Tensor:
+    """cos(theta + m) = c cos m - sin(theta) sin m, the plain formula (no overflow rule)."""
+    return c * math.cos(m) - sin * math.sin(m)
 
 
 def _only_valid(threshold: Tensor, valid: Tensor) -> Tensor:
