@@ -33,6 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from margin_kernels.backends import triton_kernels as K
+from margin_kernels.backends.triton_kernels.autotune import candidates
 
 _POINTERS = {"W_INV": "*fp32", "LABELS": "*i64", "TARGET": "*fp32", "CLASS_INDEX": "*i64", "PART_MAX": "*fp32",
              "PART_SUM": "*fp32", "HARD": "*fp32", "LSE": "*fp32", "GRAD": "*fp32", "DX": "*fp32", "DW": "*fp32",
@@ -105,11 +106,11 @@ def _jobs(subset: bool):
     sub-centers): each config with a class index, hard negatives, and 1 or
     (the sub-center candidates of the kernels that take them) 3 sub-centers."""
     for kind in TILED:
-        configs = K._configs(kind, interpret=False)
+        configs = candidates(kind, interpret=False)
         for i, cfg in enumerate(configs[:1] if subset else configs):
             yield kind, i, cfg.kwargs, cfg.num_warps, cfg.num_stages, 1
         if kind in SUBCENTER_KERNELS:
-            configs = K._configs(kind, interpret=False, subcenters=True)
+            configs = candidates(kind, interpret=False, subcenters=True)
             for i, cfg in enumerate(configs[:1] if subset else configs):
                 yield kind, i, cfg.kwargs, cfg.num_warps, cfg.num_stages, 3
     for kind, (_, meta) in SMALL.items():

@@ -140,3 +140,22 @@ def test_warm_up_takes_both_paths(margin, monkeypatch):
                     torch.device("cpu"))
     assert "single_pass" in calls and "lse_backward" in calls
     assert "MARGIN_KERNELS_SINGLE_PASS" not in os.environ
+
+
+def test_the_gpu_warm_up_tunes_nothing_of_its_own(monkeypatch):
+    """On a GPU the first step at the measured shape is the warm-up: a tiny
+    problem would compile and tune its own autotune bucket, which no timed
+    step uses. (A CUDA device object needs no GPU: nothing is made on it.)"""
+    import torch
+
+    from margin_kernels.bench import worker
+
+    made = []
+    monkeypatch.setattr(worker, "make_step", lambda *a, **k: made.append(a))  # returns None
+    worker._warm_up(worker.Case("triton", 8, 16, 100, "bfloat16", "arcface", "cuda", 1, 0), torch.bfloat16,
+                    torch.device("cuda"))
+    assert made == []
+    with pytest.raises(TypeError):  # (the fake step is not callable: on the CPU the warm-up does make one)
+        worker._warm_up(worker.Case("reference", 8, 16, 100, "float32", "arcface", "cpu", 1, 0), torch.float32,
+                        torch.device("cpu"))
+    assert len(made) == 1

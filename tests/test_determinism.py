@@ -45,12 +45,11 @@ def test_the_cpu_paths_are_bitwise_deterministic(single_pass, margin, k):
 @TRITON
 @pytest.mark.parametrize("requested", ["atomic", "split"])
 def test_triton_takes_its_deterministic_backward(monkeypatch, requested):
-    from margin_kernels.backends import triton_backend as tb
     from margin_kernels.backends import triton_kernels as K
 
     grids = []
-    real_dx_grid = tb.dx_grid
-    monkeypatch.setattr(tb, "dx_grid", lambda *a, **kw: grids.append(real_dx_grid(*a, **kw)) or grids[-1])
+    real_dx_grid = K.dx_grid
+    monkeypatch.setattr(K, "dx_grid", lambda *a, **kw: grids.append(real_dx_grid(*a, **kw)) or grids[-1])
 
     def atomic_kernel(*args, **kwargs):
         raise AssertionError("the atomic backward ran under deterministic algorithms")

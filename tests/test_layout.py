@@ -11,12 +11,18 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "margin_kernels"
 
 # Bottom to top. A module may import from its own layer and the layers below.
 LAYERS = [
-    {"margins", "_sharding", "_state", "_C", "backends.triton_kernels", "bench.memory"},
+    {"margins", "_sharding", "_state", "_C", "bench.memory", "backends.triton_kernels.autotune",
+     "backends.triton_kernels.tiles"},
+    # one file per kernel pass, then the package that gathers them
+    {"backends.triton_kernels.forward", "backends.triton_kernels.atomic_backward",
+     "backends.triton_kernels.split_backward", "backends.triton_kernels.rows"},
+    {"backends.triton_kernels"},
     {"_checks", "_targets", "reference", "backends", "backends.cpp", "backends.triton_backend"},
     {"_shard", "_shard_io", "subcenters"},
     {"_loss_function"},
     {"functional"},
     {"nn", "partial_fc"},
+    {"official"},
     {""},  # the package itself
     {"bench.steps", "bench.worker", "bench.report", "bench.cli", "bench", "bench.__main__"},
 ]
@@ -88,8 +94,9 @@ def test_no_import_circle():
         visit(name, [])
 
 
-# Where a family's name may appear: its spec, the oracle, the public exports.
-FAMILY_FILES = {"margins.py", "reference.py", "__init__.py", "nn.py"}
+# Where a family's name may appear: its spec, the oracle, the public exports,
+# and the loaders of the official heads' checkpoints.
+FAMILY_FILES = {"margins.py", "reference.py", "__init__.py", "nn.py", "official.py"}
 
 
 @pytest.mark.parametrize("family", ["curricular", "adaface", "magface", "mv.?softmax"])

@@ -250,8 +250,14 @@ def test_tf32_reaches_the_kernels(tf32, monkeypatch):
     from margin_kernels.backends import triton_backend as tb
 
     seen = []
-    real = tb._flags
-    monkeypatch.setattr(tb, "_flags", lambda *args: seen.append(real(*args)["IEEE"]) or real(*args))
+    real = tb.Launch.flags
+
+    def flags(self, kind, **more):
+        out = real(self, kind, **more)
+        seen.append(out["IEEE"])
+        return out
+
+    monkeypatch.setattr(tb.Launch, "flags", flags)
     x, w, y = make_problem(5, 8, 20)
     mk.margin_cross_entropy(x, w.requires_grad_(True), y, mk.ArcFace(), backend="triton",
                             options=mk.KernelOptions(tf32=tf32)).backward()

@@ -69,16 +69,18 @@ def test_one_config_per_kernel_compiles_for_hopper_with_64bit_offsets():
 
 @pytest.mark.slow
 def test_every_kernel_config_compiles():
-    from margin_kernels.backends import triton_kernels
+    from margin_kernels.backends.triton_kernels import autotune
 
-    rows = aot("90", "80", "--dtypes", "bf16")  # (fp32 and fp16: the subset above, on sm_90)
-    configs = sum(len(triton_kernels._configs(kind, interpret=False)) for kind in ("fwd", "bwd", "bwd_dw", "bwd_dx"))
-    assert configs == 5 + 3 + 4 + 4
-    with_subcenters = sum(len(triton_kernels._configs(kind, interpret=False, subcenters=True)) for kind in ("fwd", "bwd"))
+    # bf16 on sm_90 and sm_80, fp16 on sm_90 (fp32, and the fp16 index variants: the subset above)
+    rows = aot("90", "80", "--dtypes", "bf16") + aot("90", "--dtypes", "fp16")
+    configs = sum(len(autotune.candidates(kind, interpret=False)) for kind in ("fwd", "bwd", "bwd_dw", "bwd_dx"))
+    assert configs == 5 + 3 + 4 + 3
+    with_subcenters = sum(len(autotune.candidates(kind, interpret=False, subcenters=True)) for kind in ("fwd", "bwd"))
     assert with_subcenters == 3 + 2
-    # (+ norm, project) x archs, with the class index
-    assert len(rows) == (configs + with_subcenters + 2) * 2
-    assert sum(r.get("subcenters") == 3 for r in rows) == with_subcenters * 2
+    # (+ norm, project) x (sm_90 bf16, sm_80 bf16, sm_90 fp16), with the class index
+    assert len(rows) == (configs + with_subcenters + 2) * 3
+    assert sum(r.get("subcenters") == 3 for r in rows) == with_subcenters * 3
+    assert {(r["arch"], r["dtype"]) for r in rows} == {(90, "bf16"), (80, "bf16"), (90, "fp16")}
     check(rows)
     for r in rows:
         print(json.dumps(r))

@@ -39,11 +39,11 @@ def test_the_options_argument_picks_the_backward(backward_strategy, monkeypatch)
     grid is laid out only when it runs), and both strategies agree."""
     x, w, y = (t.to(DEVICE) for t in make_problem(9, 16, 70, seed=4))
     other = "split" if backward_strategy == "atomic" else "atomic"
-    from margin_kernels.backends import triton_backend as tb
+    from margin_kernels.backends import triton_kernels as K
 
     split_launches = []
-    real_grid = tb.dw_grid
-    monkeypatch.setattr(tb, "dw_grid", lambda *args: split_launches.append(args) or real_grid(*args))
+    real_grid = K.dw_grid
+    monkeypatch.setattr(K, "dw_grid", lambda *args: split_launches.append(args) or real_grid(*args))
     a = loss_and_grads(x, w, y, mk.ArcFace(), backend="triton")
     assert bool(split_launches) == (backward_strategy == "split")
     split_launches.clear()

@@ -35,15 +35,15 @@ if backends.is_available("triton"):
     import triton
     import triton.language as tl
 
-    from margin_kernels.backends.triton_kernels import _offsets, _subcenter_rows, _tile_columns
+    from margin_kernels.backends.triton_kernels.tiles import offsets, subcenter_rows, tile_columns
 
     @triton.jit
     def offsets_kernel(OUT, CLASS_INDEX, pid_n, C, stride_w, D, HAS_INDEX: tl.constexpr, BLOCK_N: tl.constexpr):
         """The offsets the kernels load W's last 4 columns of class tile pid_n from."""
-        cols, col_ok = _tile_columns(pid_n, C, BLOCK_N)
-        _, w_rows = _subcenter_rows(cols, C, CLASS_INDEX, 0, 1, HAS_INDEX)
+        cols, col_ok = tile_columns(pid_n, C, BLOCK_N)
+        _, w_rows = subcenter_rows(cols, C, CLASS_INDEX, 0, 1, HAS_INDEX)
         ks = D - 4 + tl.arange(0, 4)
-        tl.store(OUT + tl.arange(0, BLOCK_N)[:, None] * 4 + tl.arange(0, 4)[None, :], _offsets(w_rows, stride_w, ks))
+        tl.store(OUT + tl.arange(0, BLOCK_N)[:, None] * 4 + tl.arange(0, 4)[None, :], offsets(w_rows, stride_w, ks))
 
 
 def test_offsets_of_the_last_row_at_10m_classes():
@@ -72,35 +72,36 @@ def test_offsets_of_the_last_row_at_10m_classes():
 @pytest.mark.parametrize("b", [1, 1024, 65_536])
 def test_every_launch_grid_fits_cuda_limits(tb, c, b):
     from margin_kernels.backends import triton_kernels as K
+    from margin_kernels.backends.triton_kernels import autotune as A
 
     d = 512
 
     def fits(grid):
         assert 1 <= grid[0] <= AXIS0_MAX and all(1 <= g <= AXIS12_MAX for g in grid[1:]), grid
 
-    fits(tb.norm_grid(c))
-    fits(tb.project_grid(c))
+    fits(K.norm_grid(c))
+    fits(K.project_grid(c))
     for kind in ("fwd", "bwd", "bwd_dw", "bwd_dx"):
-        for cfg in K._configs(kind, interpret=False) + K._configs(kind, interpret=True):
+        for cfg in A.candidates(kind, interpret=False) + A.candidates(kind, interpret=True):
             meta = cfg.kwargs
             if kind == "fwd":
-                fits(tb.forward_grid(b, tb.forward_splits(b, c, 2**26), meta))
+                fits(K.forward_grid(b, K.forward_splits(b, c, 2**26), meta))
             elif kind == "bwd":
-                fits(tb.atomic_grid(b, c, meta))
+                fits(K.atomic_grid(b, c, meta))
             elif kind == "bwd_dw":
-                fits(tb.dw_grid(c, d, meta))
+                fits(K.dw_grid(c, d, meta))
             else:
-                fits(tb.dx_grid(b, c, d, meta))
+                fits(K.dx_grid(b, c, d, meta))
 
 
 if backends.is_available("triton"):
-    from margin_kernels.backends.triton_kernels import _atomic_tile
+    from margin_kernels.backends.triton_kernels.atomic_backward import atomic_tile
 
     @triton.jit
     def order_probe_kernel(OUT, B, BLOCK_M: tl.constexpr):
         """Each program writes the (row tile, class tile) it runs at its slot in
         launch order (CUDA dispatches blocks by x + y * gridDim.x)."""
-        pid_m, pid_n = _atomic_tile(B, BLOCK_M)
+        pid_m, pid_n = atomic_tile(B, BLOCK_M)
         slot = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64)
         tl.store(OUT + 2 * slot, pid_m)
         tl.store(OUT + 2 * slot + 1, pid_n)
@@ -113,9 +114,11 @@ def test_the_atomic_backward_runs_every_row_tile_of_a_class_tile_together(tb, mo
     tile of a class tile before the next class tile), and every (row tile,
     class tile) runs exactly once, also where class tiles are grouped to keep
     grid axis 1 within its limit (forced here by a small limit)."""
-    monkeypatch.setattr(tb, "MAX_GRID_YZ", max_yz)
+    from margin_kernels.backends.triton_kernels import atomic_backward
+
+    monkeypatch.setattr(atomic_backward, "MAX_GRID_YZ", max_yz)
     meta = {"BLOCK_M": 64, "BLOCK_N": 32}
-    grid = tb.atomic_grid(b, c, meta)
+    grid = atomic_backward.atomic_grid(b, c, meta)
     assert grid[1] <= max_yz
     out = torch.full((grid[0] * grid[1], 2), -1, dtype=torch.int32, device=DEVICE)
     order_probe_kernel[grid](out, b, BLOCK_M=meta["BLOCK_M"])
@@ -252,31 +255,31 @@ H200_SHARED_MEMORY = 232_448  # bytes a block may opt into on sm_90
 def test_subcenters_tune_over_their_own_tiles(monkeypatch):
     """On a GPU, SUBCENTERS > 1 prunes the candidates to the smaller tiles that
     do not spill (and SUBCENTERS = 1 to the plain ones)."""
-    from margin_kernels.backends import triton_kernels as K
+    from margin_kernels.backends.triton_kernels import autotune as A
 
-    monkeypatch.setattr(K, "_device_shared_memory", lambda: H200_SHARED_MEMORY)
+    monkeypatch.setattr(A, "_device_shared_memory", lambda: H200_SHARED_MEMORY)
     bf16 = {"W": torch.empty(1, dtype=torch.bfloat16)}
     for kind in ("fwd", "bwd"):
-        spec = K._autotune_args(kind, interpret=False, subcenters=True)
+        spec = A.autotune_args(kind, interpret=False, subcenters=True)
         prune = spec["prune_configs_by"]["early_config_prune"]
         configs = spec["configs"]
         plain = [c.kwargs for c in prune(configs, bf16, SUBCENTERS=1)]
         sub = [c.kwargs for c in prune(configs, bf16, SUBCENTERS=3)]
-        assert plain == [c.kwargs for c in K._configs(kind, interpret=False)]
-        assert sub == [c.kwargs for c in K._configs(kind, interpret=False, subcenters=True)]
+        assert plain == [c.kwargs for c in A.candidates(kind, interpret=False)]
+        assert sub == [c.kwargs for c in A.candidates(kind, interpret=False, subcenters=True)]
         assert max(c["BLOCK_M"] * c["BLOCK_N"] for c in sub) < max(c["BLOCK_M"] * c["BLOCK_N"] for c in plain)
 
 
 def test_configs_that_cannot_fit_are_pruned_before_they_compile(monkeypatch):
     """A 128 x 256 x 64, 3-stage fp32 forward needs 288 KiB of shared memory:
     dropped before compiling on a 227 KiB device; in bf16 (144 KiB) it stays."""
-    from margin_kernels.backends import triton_kernels as K
+    from margin_kernels.backends.triton_kernels import autotune as A
 
     big = {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64}
-    assert K.shared_memory_bytes("fwd", big, 3, 4) == 288 * 1024
-    assert K.shared_memory_bytes("fwd", big, 3, 2) == 144 * 1024
-    monkeypatch.setattr(K, "_device_shared_memory", lambda: H200_SHARED_MEMORY)
-    spec = K._autotune_args("fwd", interpret=False, subcenters=True)
+    assert A.shared_memory_bytes("fwd", big, 3, 4) == 288 * 1024
+    assert A.shared_memory_bytes("fwd", big, 3, 2) == 144 * 1024
+    monkeypatch.setattr(A, "_device_shared_memory", lambda: H200_SHARED_MEMORY)
+    spec = A.autotune_args("fwd", interpret=False, subcenters=True)
     prune = spec["prune_configs_by"]["early_config_prune"]
     for dtype, kept in ((torch.float32, False), (torch.bfloat16, True)):
         left = [c.kwargs for c in prune(spec["configs"], {"W": torch.empty(1, dtype=dtype)}, SUBCENTERS=1)]
@@ -287,8 +290,8 @@ def test_configs_that_cannot_fit_are_pruned_before_they_compile(monkeypatch):
     assert big not in left
     # every kept config of every kernel fits by the estimate
     for kind in ("fwd", "bwd", "bwd_dw", "bwd_dx"):
-        for config in K._configs(kind, interpret=False):
-            assert K.fits(kind, config, 2, H200_SHARED_MEMORY), (kind, config)
+        for config in A.candidates(kind, interpret=False):
+            assert A.fits(kind, config, 2, H200_SHARED_MEMORY), (kind, config)
 
 
 def test_the_autotune_key_holds_every_variant_flag():
@@ -306,6 +309,41 @@ def test_the_autotune_key_holds_every_variant_flag():
         assert set(constexprs) <= set(kernel.keys), (kind, set(constexprs) - set(kernel.keys))
         assert {"B_BUCKET", "C_BUCKET", "D"} <= set(kernel.keys)
 
+
+
+def test_a_candidate_that_fails_is_skipped_while_the_device_stays_usable(monkeypatch):
+    """Triton's autotuner catches only three kinds of error per candidate; any
+    other (an LLVM or driver error) would abort the call. Ours times such a
+    candidate as infinite and warns, unless the device is no longer usable."""
+    from margin_kernels.backends.triton_kernels import autotune as A
+
+    monkeypatch.setattr(A, "_benchmarker", lambda: lambda call, quantiles: call() or [1.0] * len(quantiles))
+
+    def broken():
+        raise RuntimeError("LLVM ERROR: failed to legalize operation")
+
+    monkeypatch.setattr(A, "device_usable", lambda: True)
+    assert A.bench_or_skip("fwd", lambda: None, (0.5, 0.2, 0.8)) == [1.0, 1.0, 1.0]
+    with pytest.warns(RuntimeWarning, match="fwd kernel failed and is skipped: RuntimeError: LLVM ERROR"):
+        assert A.bench_or_skip("fwd", broken, (0.5, 0.2, 0.8)) == [float("inf")] * 3
+    monkeypatch.setattr(A, "device_usable", lambda: False)
+    with pytest.raises(RuntimeError, match="LLVM ERROR"):
+        A.bench_or_skip("fwd", broken, (0.5, 0.2, 0.8))
+
+
+def test_every_tuned_kernel_benchmarks_through_the_tolerant_timer():
+    """The autotuners Triton builds from our arguments time candidates with
+    ``bench_or_skip`` (Triton's ``do_bench`` hook), for each kernel kind."""
+    from margin_kernels.backends.triton_kernels import autotune as A
+
+    @triton.jit
+    def probe(X, B_BUCKET, C_BUCKET, D, HAS_INDEX: tl.constexpr, HAS_HARD: tl.constexpr, SUBCENTERS: tl.constexpr,
+              UPCAST: tl.constexpr, IEEE: tl.constexpr, SCALE: tl.constexpr, WITH_DW: tl.constexpr):
+        pass
+
+    for kind in ("fwd", "bwd", "bwd_dw", "bwd_dx"):
+        tuner = triton.autotune(**A.autotune_args(kind, interpret=False, subcenters=kind in ("fwd", "bwd")))(probe)
+        assert tuner.do_bench.func is A.bench_or_skip and tuner.do_bench.args == (kind,)
 
 # ---------------------------------------------------------------- half weights
 
