@@ -2,7 +2,7 @@
 build the batch x classes logits matrix. See README.md and docs/DESIGN.md."""
 import torch  # noqa: F401  (before _C, whose symbols live in libtorch)
 
-from . import backends, nn, subcenters
+from . import backends, nn, official, subcenters
 from .backends import KernelOptions
 from .functional import draw_margins, margin_cross_entropy
 from .partial_fc import PartialFC
@@ -46,5 +46,6 @@ __all__ = [
     "draw_margins",
     "margin_cross_entropy",
     "nn",
+    "official",
     "subcenters",
 ]

@@ -2,6 +2,7 @@
 its checkpoint I/O talk through (a single process is the one-rank case)."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -65,7 +66,12 @@ class Group:
         if not self.distributed:
             return t
         padded = F.pad(t, (0, 0, 0, max(sizes) - t.shape[0]))
-        parts = dist_autograd.all_gather(padded, group=self.group if self.group is not None else dist.group.WORLD)
+        with warnings.catch_warnings():
+            # Recent torch marks this public autograd all-gather deprecated in
+            # favour of a private one; the public one stays until a public
+            # replacement exists, without a notice on every training step.
+            warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+            parts = dist_autograd.all_gather(padded, group=self.group if self.group is not None else dist.group.WORLD)
         return torch.cat([part[:n] for part, n in zip(parts, sizes)])
 
     def all_gather_rows(self, t: Tensor, sizes: list[int]) -> Tensor:

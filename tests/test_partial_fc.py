@@ -475,3 +475,20 @@ def test_a_step_syncs_with_the_host_only_where_collectives_need_it(sample_rate):
     with HostSyncs() as mode:
         pfc(x, y).backward()
     assert mode.calls == ["tolist", "__bool__"], mode.calls
+
+
+def _step_warnings(rank, world):
+    import warnings
+
+    pfc = mk.PartialFC(D, 20, mk.ArcFace(), sample_rate=0.5, generator=torch.Generator().manual_seed(rank))
+    x = torch.randn(3, D, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pfc(x, torch.tensor([0, 7, 19])).backward()
+    return [f"{w.category.__name__}: {w.message}" for w in caught]
+
+
+@pytest.mark.slow
+def test_a_sharded_step_warns_of_nothing(tmp_path):
+    """No deprecation notice from the autograd all-gather on every step."""
+    assert run_ranks(_step_warnings, 2, outdir=str(tmp_path)) == [[], []]
