@@ -17,7 +17,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "install.sh: no torch found; installing torch==2.13.0" >&2
   "${PIP[@]}" torch==2.13.0
 fi
-"${PIP[@]}" numpy pytest pybind11 ninja setuptools wheel
+"${PIP[@]}" numpy pytest pytest-xdist pybind11 ninja setuptools wheel
 "$PY" -c "import triton" 2>/dev/null || "${PIP[@]}" triton
 if [[ "${1:-}" == "demo" ]]; then
   "${PIP[@]}" scikit-learn matplotlib
