@@ -53,9 +53,12 @@ def load_arcface_torch(module: Module, checkpoints: str | Sequence[Checkpoint]) 
 
     ``checkpoints``: the training's output folder (every
     ``softmax_fc_gpu_*.pt`` in it, by rank), or the ranks' files or state
-    dicts in rank order. Pair it with ``PartialFC.from_insightface`` for the
-    margin."""
-    _fill(module, _RankBlocks(_rank_sources(checkpoints, "softmax_fc_gpu_"), "weight", padded=False), {})
+    dicts in rank order; the ranks' full training states
+    (``checkpoint_gpu_{rank}.pt`` with ``save_all_states``, the head under
+    ``state_dict_softmax_fc``) are taken as well. Pair it with
+    ``PartialFC.from_insightface`` for the margin."""
+    _fill(module, _RankBlocks(_rank_sources(checkpoints, "softmax_fc_gpu_"), "weight", padded=False,
+                              within="state_dict_softmax_fc"), {})
 
 
 def load_cvlface(module: Module, checkpoints: str | Sequence[Checkpoint]) -> None:
@@ -151,12 +154,12 @@ def _rank_sources(checkpoints, stem: str) -> list:
 class _RankBlocks:
     """Class rows saved as one contiguous block per rank."""
 
-    def __init__(self, sources: list, key: str, padded: bool) -> None:
-        self.sources, self.key = sources, key
+    def __init__(self, sources: list, key: str, padded: bool, within: str | None = None) -> None:
+        self.sources, self.key, self.within = sources, key, within
         self.blocks = []  # (first row, rows, source)
         start, dims = 0, set()
         for rank, source in enumerate(sources):
-            weight = _require(_open(source), key, "")
+            weight = self._weight(source)
             if weight.dim() != 2:
                 raise ValueError(f"checkpoints: rank {rank}'s {key!r} must be [rows, D], got {tuple(weight.shape)}")
             self.blocks.append((start, weight.shape[0], source))
@@ -165,6 +168,12 @@ class _RankBlocks:
         if len(dims) != 1:
             raise ValueError(f"checkpoints: the ranks' {key!r} differ in D ({sorted(dims)})")
         self.rows, self.dim, self.padded = start, dims.pop(), padded
+
+    def _weight(self, source) -> Tensor:
+        state = _open(source)
+        if self.within is not None and self.within in state:  # a full training state
+            state = state[self.within]
+        return _require(state, self.key, "")
 
     def check_rows(self, wanted: int) -> None:
         world = len(self.blocks)
@@ -183,7 +192,7 @@ class _RankBlocks:
         for first, n, source in self.blocks:
             lo, hi = max(start, first), min(end, first + n)
             if lo < hi:
-                parts.append(_require(_open(source), self.key, "")[lo - first: hi - first])
+                parts.append(self._weight(source)[lo - first: hi - first])
         return torch.cat(parts) if parts else torch.empty(0, self.dim)
 
 

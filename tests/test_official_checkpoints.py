@@ -111,6 +111,23 @@ def test_arcface_torch_state_dicts_and_sub_centers(tmp_path):
     assert torch.equal(head.weight.detach(), full)
 
 
+def test_arcface_torch_full_training_states(tmp_path):
+    """With save_all_states, each rank's checkpoint_gpu_{rank}.pt holds the
+    head under state_dict_softmax_fc, beside the backbone and the optimizer."""
+    full = full_matrix()
+    paths = []
+    for rank in range(2):
+        theirs = ArcfaceTorchPartialFC(rank, 2, D, C)
+        theirs.weight.data.copy_(full[theirs.class_start: theirs.class_start + theirs.num_local])
+        paths.append(tmp_path / f"checkpoint_gpu_{rank}.pt")
+        torch.save({"epoch": 3, "global_step": 120, "state_dict_backbone": {"fc.weight": torch.zeros(2, 2)},
+                    "state_dict_softmax_fc": theirs.state_dict(), "state_optimizer": {}, "state_lr_scheduler": {}},
+                   paths[-1])
+    head = mk.nn.ArcFace(D, C)
+    official.load_arcface_torch(head, paths)
+    assert torch.equal(head.weight.detach(), full)
+
+
 def _load_on_ranks(rank, world, folder):
     pfc = mk.PartialFC(D, C, mk.ArcFace())
     official.load_arcface_torch(pfc, folder)
