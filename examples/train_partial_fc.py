@@ -305,7 +305,8 @@ class Run:
         self.backbone = backbone
         self.model = backbone
         if world > 1:
-            self.model = nn.parallel.DistributedDataParallel(backbone)
+            self.model = nn.parallel.DistributedDataParallel(
+                backbone, device_ids=[device.index] if device.type == "cuda" else None)
             # Each rank's backward already gives its rows' share of the global
             # mean loss's gradient (PartialFC's loss is over the global batch):
             # the gradient is their sum, not DDP's mean.

@@ -201,3 +201,16 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     cmd = [sys.executable, str(SCRIPT), *TINY, "--out", str(tmp_path), "--resume", "--identities", "41"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode != 0 and "trained with other settings (identities)" in proc.stderr
+
+
+def test_the_comparison_figure(tmp_path):
+    """Several runs on one figure, one of them without enough impostors for TAR@FAR=1e-3."""
+    pytest.importorskip("matplotlib")
+    same = torch.tensor([True] * 20 + [False] * 2000)
+    scores = R.hash_uniform(0, 5, torch.arange(same.numel())) + same.float() * 0.3
+    full = {"step": 10, **R.verification(scores, same)}
+    few = {"step": 10, **R.verification(scores[:200], same[:200])}
+    runs = {"arcface": {"loss": [3.0, 2.0, 1.5], "evals": [full]}, "softmax": {"loss": [2.0, 1.0], "evals": [few]},
+            "cosface": {"loss": [1.0], "evals": []}}
+    R.plot(runs, str(tmp_path / "compare.png"))
+    assert (tmp_path / "compare.png").stat().st_size > 10_000
