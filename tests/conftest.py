@@ -107,3 +107,11 @@ def assert_low_precision(got, ref, truth, backend):
         for metric in (rel_err, row_err):
             mine, theirs = metric(g.cpu(), t), metric(r, t)
             assert mine <= factor * theirs + 1e-7, f"{name} {metric.__name__}: {mine:.2e} > {factor} x {theirs:.2e}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files that hold slow tests run first (order within a file kept): with
+    the suite spread over workers a file at a time (xdist's ``loadfile``),
+    the long files start early and the short ones fill in at the end."""
+    heavy = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in heavy)
