@@ -112,3 +112,12 @@ def test_one_autograd_function():
     subclasses = [p for p in ROOT.rglob("*.py") if re.search(r"class \w+\(torch\.autograd\.Function\)", p.read_text())]
     functions = [m for p in subclasses for m in re.findall(r"class (\w+)\(torch\.autograd\.Function\)", p.read_text())]
     assert functions == ["MarginLoss"], functions
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run is the README's test command, word for word."""
+    root = ROOT.parent
+    readme = (root / "README.md").read_text()
+    command = re.search(r"# Tests: .*\n(.+)\n", readme).group(1).strip()
+    ci = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines() if line.startswith("bash ")]
+    assert ci == [command]
