@@ -8,6 +8,9 @@ and 1:1 verification on identities never seen in training.
     python3 examples/train_partial_fc.py --steps 100                         # one process works too
     torchrun --nproc-per-node 2 examples/train_partial_fc.py --compare softmax,cosface,arcface
 
+The pieces live in ``examples/partial_fc_recipe/`` (synthetic identities,
+backbone, verification, checkpoints, report); this file is the run.
+
 Writes, under ``--out``: ``run.json`` (arguments, the loss at every step,
 every evaluation), ``run.png`` (loss and verification against steps; with
 ``--compare`` one ``compare.png`` of all runs) and ``checkpoint/``.
@@ -35,217 +38,24 @@ import argparse
 import json
 import math
 import os
-import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 import margin_kernels as mk
-from margin_kernels.partial_fc import class_split
-
-# ---------------------------------------------------------------- data
-
-_M32 = 0xFFFFFFFF
-# streams of the hash: what a uniform is drawn for
-_PROTOTYPE, _DETAIL, _LABEL, _AUGMENT, _NOISE, _EVAL, _PAIRS = range(1, 8)
-
-
-def _mix(x: Tensor) -> Tensor:
-    """A 32-bit integer finalizer on int64 tensors (every product stays below 2^63)."""
-    x = x & _M32
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & _M32
-    return x ^ (x >> 15)
-
-
-def hash_uniform(*counters, device=None) -> Tensor:
-    """Uniforms in [0, 1) from non-negative integer counters (ints or int64
-    tensors, broadcast together): the same values on every device, at every
-    world size, with no generator state."""
-    x = torch.zeros((), dtype=torch.int64, device=device)
-    for c in counters:
-        c = torch.as_tensor(c, dtype=torch.int64, device=device)
-        x = _mix(x + (c & _M32) + 0x9E3779B9)
-    return (x.to(torch.float64) / 2.0**32).float()
-
-
-def hash_normal(*counters, device=None) -> Tensor:
-    """Standard normals by Box-Muller from two hashed uniforms."""
-    u1 = hash_uniform(*counters, 0, device=device).clamp_min(1e-7)
-    u2 = hash_uniform(*counters, 1, device=device)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
-
-
-def prototypes(ids: Tensor, seed: int, size: int) -> Tensor:
-    """[n, 1, size, size]: the faces of identities ``ids``, a coarse 6 x 6 and a
-    finer 12 x 12 random pattern upsampled and summed, standardized."""
-    ids = ids[:, None]
-    coarse = hash_normal(seed, _PROTOTYPE, ids, torch.arange(36, device=ids.device)).view(-1, 1, 6, 6)
-    detail = hash_normal(seed, _DETAIL, ids, torch.arange(144, device=ids.device)).view(-1, 1, 12, 12)
-    img = (F.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
-           + 0.5 * F.interpolate(detail, size=size, mode="bilinear", align_corners=False))
-    return (img - img.mean((2, 3), keepdim=True)) / img.std((2, 3), keepdim=True).clamp_min(1e-6)
-
-
-def augment(faces: Tensor, seed: int, stream: int, sample: Tensor) -> Tensor:
-    """Each face as a photo of it: an affine jitter (shift up to 1/8 of the
-    side, rotation up to 12 degrees, scale 0.85-1.15), contrast 0.6-1.4,
-    brightness +-0.4, an occluding square (half of the samples) and noise."""
-    n, _, size, _ = faces.shape
-    dev = faces.device
-    u = [hash_uniform(seed, _AUGMENT, stream, sample, k, device=dev) for k in range(8)]
-    angle = (u[0] - 0.5) * (2 * math.radians(12))
-    scale = 0.85 + 0.3 * u[1]
-    shift = (torch.stack([u[2], u[3]], 1) - 0.5) * 0.5  # in [-1, 1] units: 1/8 of the side either way
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta, list(faces.shape), align_corners=False)
-    img = F.grid_sample(faces, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    img = img * (0.6 + 0.8 * u[4])[:, None, None, None] + ((u[5] - 0.5) * 0.8)[:, None, None, None]
-    side = size // 3
-    pos = torch.arange(size, device=dev)
-    top, left = (u[6] * (size - side)).long(), (hash_uniform(seed, _AUGMENT, stream, sample, 8, device=dev)
-                                                  * (size - side)).long()
-    inside = (((pos[None, :] >= top[:, None]) & (pos[None, :] < top[:, None] + side))[:, :, None]
-              & ((pos[None, :] >= left[:, None]) & (pos[None, :] < left[:, None] + side))[:, None, :])
-    occluded = (u[7] < 0.5)[:, None, None] & inside
-    img = torch.where(occluded[:, None], torch.zeros_like(img), img)
-    pixels = torch.arange(size * size, device=dev)
-    noise = hash_normal(seed, _NOISE, stream, sample[:, None], pixels, device=dev).view(n, 1, size, size)
-    return img + 0.3 * noise
-
-
-def rank_rows(total: int, world: int, rank: int) -> range:
-    """This rank's contiguous rows of a global batch of ``total`` (any world size)."""
-    start, count = class_split(total, world, rank)
-    return range(start, start + count)
-
-
-def train_batch(step: int, rows: range, cfg: "Config", device) -> tuple[Tensor, Tensor]:
-    """Rows ``rows`` of the global batch of ``step``: identities drawn uniformly
-    from the training ones, their samples drawn from (seed, step, row)."""
-    j = torch.arange(rows.start, rows.stop, device=device)
-    labels = (hash_uniform(cfg.seed, _LABEL, step, j, device=device) * cfg.identities).long()
-    labels = labels.clamp_max(cfg.identities - 1)
-    sample = step * cfg.batch + j  # a distinct sample for every (step, row)
-    return augment(prototypes(labels, cfg.seed, cfg.image_size), cfg.seed, 0, sample), labels
-
-
-def eval_images(cfg: "Config", device) -> tuple[Tensor, Tensor]:
-    """The held-out identities [C, C + E), ``eval_samples`` photos each."""
-    ids = torch.arange(cfg.identities, cfg.identities + cfg.eval_identities, device=device)
-    ids = ids.repeat_interleave(cfg.eval_samples)
-    sample = torch.arange(ids.numel(), device=device)
-    return augment(prototypes(ids, cfg.seed, cfg.image_size), cfg.seed, _EVAL, sample), ids
-
-
-# ---------------------------------------------------------------- backbone
-
-class Block(nn.Module):
-    """Two 3x3 convolutions with a shortcut, halving the side. GroupNorm
-    normalizes each sample on its own: a row's embedding never depends on the
-    other rows of its rank, so the loss is the same at every world size."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False)
-        self.norm1 = nn.GroupNorm(8, cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
-        self.norm2 = nn.GroupNorm(8, cout)
-        self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.GroupNorm(8, cout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.relu(self.norm1(self.conv1(x)))
-        return F.relu(self.norm2(self.conv2(y)) + self.skip(x))
-
-
-class Backbone(nn.Module):
-    """[N, 1, S, S] images -> [N, D] embeddings: a stem, three residual
-    blocks (S -> S/8), then a linear layer to D, as face backbones end."""
-
-    def __init__(self, embedding_size: int, image_size: int, width: int = 32) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.GroupNorm(8, width), nn.ReLU())
-        self.blocks = nn.Sequential(Block(width, 2 * width), Block(2 * width, 4 * width), Block(4 * width, 4 * width))
-        side = -(-image_size // 8)
-        self.features = nn.Linear(4 * width * side * side, embedding_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.features(self.blocks(self.stem(x)).flatten(1))
-
-
-# ---------------------------------------------------------------- verification
-
-def pairs(labels: Tensor, seed: int, negatives: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(i, j, same): every pair of photos of one identity, and ``negatives``
-    pairs of different identities drawn by the hash."""
-    n = labels.numel()
-    i, j = torch.triu_indices(n, n, offset=1, device=labels.device)
-    same = labels[i] == labels[j]
-    pi, pj = i[same], j[same]
-    k = torch.arange(4 * negatives, device=labels.device)
-    ni = (hash_uniform(seed, _PAIRS, 0, k, device=labels.device) * n).long().clamp_max(n - 1)
-    nj = (hash_uniform(seed, _PAIRS, 1, k, device=labels.device) * n).long().clamp_max(n - 1)
-    keep = (labels[ni] != labels[nj]).nonzero().squeeze(1)[:negatives]
-    ni, nj = ni[keep], nj[keep]
-    return torch.cat([pi, ni]), torch.cat([pj, nj]), torch.cat([torch.ones_like(pi, dtype=torch.bool),
-                                                                torch.zeros_like(ni, dtype=torch.bool)])
-
-
-FARS = (1e-3, 1e-2, 1e-1)
-
-
-def verification(scores: Tensor, same: Tensor) -> dict:
-    """1:1 verification from pair scores: the accuracy at the best threshold
-    over genuine and impostor pairs weighted equally (as on LFW's balanced
-    pairs: chance is 0.5), TAR at each FAR the impostors allow (at least 1/FAR
-    of them), and ROC points."""
-    scores, same = scores.double().cpu(), same.cpu()
-    pos, neg = scores[same], scores[~same]
-    order = torch.argsort(scores, descending=True)
-    hits = same[order].double()
-    tp = torch.cumsum(hits, 0)  # accepted genuine pairs at each threshold (accept the top k)
-    fp = torch.cumsum(1 - hits, 0)
-    balanced = 0.5 * (tp / max(pos.numel(), 1) + (neg.numel() - fp) / max(neg.numel(), 1))
-    best = int(torch.argmax(balanced))
-    out = {"accuracy": float(balanced[best]), "threshold": float(scores[order][best]),
-           "pairs_genuine": pos.numel(), "pairs_impostor": neg.numel()}
-    neg_sorted = torch.sort(neg, descending=True).values
-    for far in FARS:
-        allowed = int(far * neg.numel())
-        if allowed >= 1:  # the threshold: the (allowed + 1)-th highest impostor score
-            out[f"tar@far={far:g}"] = float((pos > neg_sorted[allowed]).double().mean())
-    roc = []  # (FAR, TAR) at FARs spaced evenly on a log scale, down to one impostor
-    for far in torch.logspace(math.log10(1 / max(neg.numel(), 1)), 0, 40).tolist():
-        allowed = min(int(far * neg.numel()), neg.numel() - 1)
-        roc.append([allowed / max(neg.numel(), 1), float((pos > neg_sorted[allowed]).double().mean())])
-    out["roc"] = roc
-    return out
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, cfg: "Config", device, amp: bool) -> dict:
-    model.eval()
-    images, labels = eval_images(cfg, device)
-    embeddings = []
-    for chunk in images.split(256):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            embeddings.append(model(chunk).float())
-    model.train()
-    e = F.normalize(torch.cat(embeddings), dim=1)
-    i, j, same = pairs(labels, cfg.seed, cfg.eval_negatives)
-    return verification((e[i] * e[j]).sum(1), same)
+from partial_fc_recipe.backbone import Backbone
+from partial_fc_recipe.checkpoints import load_checkpoint, save_checkpoint
+from partial_fc_recipe.report import Progress, plot
+from partial_fc_recipe.synthetic_faces import rank_rows, train_batch
+from partial_fc_recipe.verification import evaluate
 
 
 # ---------------------------------------------------------------- the run
+
 
 @dataclass
 class Config:
@@ -357,156 +167,8 @@ def _allreduce_sum(process_group, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(run: Run, root: str) -> str:
-    """A new directory per save, ``latest`` pointed at it last: a run killed
-    mid-save resumes from the previous one. A collective."""
-    path = os.path.join(root, f"step_{run.step:08d}")
-    run.head.save_sharded(os.path.join(path, "head"), optimizer=run.head_optimizer)  # (creates ``path``)
-    _atomic_save({"world_size": run.world, "rng": _rng_state(run.device)}, os.path.join(path, f"rng_{run.rank}.pt"))
-    if run.rank == 0:
-        _atomic_save({"step": run.step, "world_size": run.world, "config": asdict(run.cfg),
-                      "backbone": run.backbone.state_dict(), "optimizer": run.optimizer.state_dict(),
-                      "schedule": run.schedule.state_dict(), "head_schedule": run.head_schedule.state_dict(),
-                      # the head optimizer's settings (its learning rate now); its per-class state is in head/
-                      "head_optimizer_groups": _groups(run.head_optimizer),
-                      "history": run.history}, os.path.join(path, "train.pt"))
-    _barrier(run.world)
-    if run.rank == 0:
-        with open(os.path.join(root, "latest.tmp"), "w") as f:
-            f.write(os.path.basename(path))
-        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
-        for old in os.listdir(root):  # earlier saves, now that ``latest`` moved on
-            if old.startswith("step_") and old != os.path.basename(path):
-                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    _barrier(run.world)
-    return path
-
-
-def _groups(optimizer: torch.optim.Optimizer) -> list[dict]:
-    """The optimizer's settings per parameter group (learning rate, momentum...), without the parameters."""
-    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-
-
-def load_checkpoint(run: Run, root: str) -> int | None:
-    """Continue from ``root/latest``: the world size it was saved at, None
-    when there is no checkpoint. Every RNG is
-    restored where the world size is the checkpoint's (the head's draws come
-    from the step anyway)."""
-    latest = os.path.join(root, "latest")
-    if not os.path.exists(latest):
-        return None
-    with open(latest) as f:
-        path = os.path.join(root, f.read().strip())
-    train = torch.load(os.path.join(path, "train.pt"), map_location=run.device, weights_only=False)
-    saved = {k: v for k, v in train["config"].items() if k not in ("steps", "eval_every", "checkpoint_every")}
-    mine = {k: v for k, v in asdict(run.cfg).items() if k in saved}
-    if saved != mine:
-        changed = sorted(k for k in saved if saved[k] != mine[k])
-        raise SystemExit(f"--resume: the checkpoint was trained with other settings ({', '.join(changed)})")
-    run.backbone.load_state_dict(train["backbone"])
-    run.optimizer.load_state_dict(train["optimizer"])
-    run.schedule.load_state_dict(train["schedule"])
-    run.head_schedule.load_state_dict(train["head_schedule"])
-    run.head.load_sharded(os.path.join(path, "head"), optimizer=run.head_optimizer)
-    for group, saved in zip(run.head_optimizer.param_groups, train["head_optimizer_groups"]):
-        group.update(saved)
-    run.step, run.history = train["step"], train["history"]
-    rng_file = os.path.join(path, f"rng_{run.rank}.pt")
-    if train["world_size"] == run.world and os.path.exists(rng_file):
-        rng = torch.load(rng_file, weights_only=False)["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if "cuda" in rng and run.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], run.device)
-    return train["world_size"]
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
-# ---------------------------------------------------------------- output
-
-class Progress:
-    """A one-line progress bar on a terminal, a line per tenth of the run otherwise."""
-
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.total, self.start, self.enabled = total, start, enabled
-        self.t0 = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, step: int, loss: float, lr: float) -> None:
-        if not self.enabled:
-            return
-        done = step - self.start
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
-        eta = (self.total - step) / max(rate, 1e-9)
-        bar = "#" * (30 * step // self.total)
-        line = (f"[{bar:<30}] step {step}/{self.total}  loss {loss:7.3f}  lr {lr:.4f}  "
-                f"{rate:5.1f} steps/s  eta {eta:4.0f} s")
-        if self.tty:
-            sys.stderr.write("\r" + line)
-            if step == self.total:
-                sys.stderr.write("\n")
-        elif step == self.total or (step * 10) // self.total != ((step - 1) * 10) // self.total:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            sys.stderr.write(("\n" if self.tty else "") + text + "\n")
-
-
-def plot(runs: dict[str, dict], path: str) -> None:
-    """Loss and verification against steps, one line per run."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib)", file=sys.stderr)
-        return
-    fig, (ax_loss, ax_acc, ax_roc) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name, history in runs.items():
-        ax_loss.plot(range(1, len(history["loss"]) + 1), history["loss"], label=name, linewidth=0.8)
-        evals = history["evals"]
-        if evals:
-            steps = [e["step"] for e in evals]
-            line, = ax_acc.plot(steps, [e["accuracy"] for e in evals], marker="o", label=f"{name}: accuracy")
-            if "tar@far=0.001" in evals[-1]:
-                ax_acc.plot(steps, [e.get("tar@far=0.001", float("nan")) for e in evals], marker="x",
-                            linestyle="--", color=line.get_color(), label=f"{name}: TAR@FAR=1e-3")
-            roc = evals[-1]["roc"]
-            ax_roc.plot([p[0] for p in roc], [p[1] for p in roc], label=name)
-    ax_loss.set(xlabel="step", ylabel="training loss", title="PartialFC loss (global batch)")
-    ax_acc.set(xlabel="step", ylabel="held-out identities", title="1:1 verification", ylim=(0, 1.02))
-    ax_roc.set(xscale="log", xlabel="FAR", ylabel="TAR", title="ROC at the end", xlim=(1e-4, 1), ylim=(0, 1.02))
-    for ax in (ax_loss, ax_acc, ax_roc):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------- main
+
 
 def train(cfg: Config, out: str, device: torch.device, world: int, rank: int, *, resume: bool,
           stop_after: int | None, quiet: bool) -> dict:

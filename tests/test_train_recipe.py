@@ -20,6 +20,10 @@ SCRIPT = ROOT / "examples" / "train_partial_fc.py"
 requires_cpp = pytest.mark.skipif(not backends.is_available("cpp"), reason="cpp backend unavailable")
 
 
+sys.path.insert(0, str(SCRIPT.parent))  # the script's own pieces: examples/partial_fc_recipe
+from partial_fc_recipe import report, synthetic_faces as faces, verification  # noqa: E402
+
+
 def recipe():
     spec = importlib.util.spec_from_file_location("train_partial_fc", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -73,28 +77,28 @@ def final_state(out) -> dict:
 # ---------------------------------------------------------------- data and metrics
 
 def test_the_hash_is_uniform_and_a_function_of_its_counters():
-    u = R.hash_uniform(3, 1, torch.arange(100_000))
+    u = faces.hash_uniform(3, 1, torch.arange(100_000))
     assert u.min() >= 0 and u.max() < 1 and abs(float(u.mean()) - 0.5) < 0.01
-    assert torch.equal(u, R.hash_uniform(3, 1, torch.arange(100_000)))
-    assert not torch.equal(u, R.hash_uniform(4, 1, torch.arange(100_000)))
-    n = R.hash_normal(0, 2, torch.arange(100_000))
+    assert torch.equal(u, faces.hash_uniform(3, 1, torch.arange(100_000)))
+    assert not torch.equal(u, faces.hash_uniform(4, 1, torch.arange(100_000)))
+    n = faces.hash_normal(0, 2, torch.arange(100_000))
     assert abs(float(n.mean())) < 0.02 and abs(float(n.std()) - 1) < 0.02
 
 
 def test_identities_differ_and_their_photos_vary():
     cfg = R.Config(identities=50, image_size=16)
-    faces = R.prototypes(torch.arange(50), cfg.seed, 16).flatten(1)
-    sims = torch.nn.functional.normalize(faces, dim=1) @ torch.nn.functional.normalize(faces, dim=1).t()
+    protos = faces.prototypes(torch.arange(50), cfg.seed, 16).flatten(1)
+    sims = torch.nn.functional.normalize(protos, dim=1) @ torch.nn.functional.normalize(protos, dim=1).t()
     assert float((sims - torch.eye(50)).abs().max()) < 0.95  # no two identities alike
-    photos = R.augment(faces.view(50, 1, 16, 16)[:1].expand(8, 1, 16, 16), 0, 0, torch.arange(8))
+    photos = faces.augment(protos.view(50, 1, 16, 16)[:1].expand(8, 1, 16, 16), 0, 0, torch.arange(8))
     assert len({tuple(p.flatten()[:5].tolist()) for p in photos}) == 8
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 def test_the_global_batch_is_the_same_at_every_world_size(world):
     cfg = R.Config(identities=30, batch=13, image_size=16)
-    whole = R.train_batch(7, range(0, 13), cfg, "cpu")
-    parts = [R.train_batch(7, R.rank_rows(13, world, r), cfg, "cpu") for r in range(world)]
+    whole = faces.train_batch(7, range(0, 13), cfg, "cpu")
+    parts = [faces.train_batch(7, faces.rank_rows(13, world, r), cfg, "cpu") for r in range(world)]
     assert torch.equal(torch.cat([p[0] for p in parts]), whole[0])
     assert torch.equal(torch.cat([p[1] for p in parts]), whole[1])
     assert int(whole[1].max()) < 30
@@ -102,26 +106,26 @@ def test_the_global_batch_is_the_same_at_every_world_size(world):
 
 def test_held_out_identities_are_not_trained_on():
     cfg = R.Config(identities=30, eval_identities=5, eval_samples=3, image_size=16)
-    _, ids = R.eval_images(cfg, "cpu")
+    _, ids = faces.eval_images(cfg, "cpu")
     assert sorted(set(ids.tolist())) == list(range(30, 35)) and ids.numel() == 15
-    labels = torch.cat([R.train_batch(s, range(0, 64), cfg, "cpu")[1] for s in range(20)])
+    labels = torch.cat([faces.train_batch(s, range(0, 64), cfg, "cpu")[1] for s in range(20)])
     assert int(labels.max()) < 30
 
 
 def test_verification_metrics():
     same = torch.tensor([True] * 10 + [False] * 2000)
     perfect = torch.where(same, 1.0, 0.0) + torch.linspace(0, 0.1, same.numel())
-    m = R.verification(perfect, same)
+    m = verification.verification(perfect, same)
     assert m["accuracy"] == 1.0 and m["tar@far=0.001"] == 1.0 and m["tar@far=0.01"] == 1.0
     # scores that say nothing: chance, whatever the class balance
-    noise = R.hash_uniform(0, 9, torch.arange(same.numel()))
-    m = R.verification(noise, same)
+    noise = faces.hash_uniform(0, 9, torch.arange(same.numel()))
+    m = verification.verification(noise, same)
     assert 0.5 <= m["accuracy"] < 0.8 and m["pairs_genuine"] == 10 and m["pairs_impostor"] == 2000
     # one impostor above every genuine pair: at FAR = 1e-3 (2 of 2000 allowed) it does not count
     scores = torch.where(same, 0.5, 0.0)
     scores[-1] = 0.9
-    assert R.verification(scores, same)["tar@far=0.001"] == 1.0
-    assert "tar@far=0.001" not in R.verification(scores[-500:], same[-500:])  # too few impostors
+    assert verification.verification(scores, same)["tar@far=0.001"] == 1.0
+    assert "tar@far=0.001" not in verification.verification(scores[-500:], same[-500:])  # too few impostors
     roc = m["roc"]
     assert all(0 <= far <= 1 and 0 <= tar <= 1 for far, tar in roc) and roc == sorted(roc)
 
@@ -207,10 +211,10 @@ def test_the_comparison_figure(tmp_path):
     """Several runs on one figure, one of them without enough impostors for TAR@FAR=1e-3."""
     pytest.importorskip("matplotlib")
     same = torch.tensor([True] * 20 + [False] * 2000)
-    scores = R.hash_uniform(0, 5, torch.arange(same.numel())) + same.float() * 0.3
-    full = {"step": 10, **R.verification(scores, same)}
-    few = {"step": 10, **R.verification(scores[:200], same[:200])}
+    scores = faces.hash_uniform(0, 5, torch.arange(same.numel())) + same.float() * 0.3
+    full = {"step": 10, **verification.verification(scores, same)}
+    few = {"step": 10, **verification.verification(scores[:200], same[:200])}
     runs = {"arcface": {"loss": [3.0, 2.0, 1.5], "evals": [full]}, "softmax": {"loss": [2.0, 1.0], "evals": [few]},
             "cosface": {"loss": [1.0], "evals": []}}
-    R.plot(runs, str(tmp_path / "compare.png"))
+    report.plot(runs, str(tmp_path / "compare.png"))
     assert (tmp_path / "compare.png").stat().st_size > 10_000
