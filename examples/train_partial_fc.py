@@ -35,6 +35,7 @@ nothing depends on how the batch is split).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -85,14 +86,28 @@ class Config:
     backend: str = "auto"
 
 
-def margin_spec(name: str, args: dict) -> mk.Margin:
+def margin_family(name: str) -> type[mk.Margin]:
     """``--margin``: a family's short name (``margins.FAMILIES``), or softmax
     (normalized softmax, no margin) and elastic (ElasticArcFace)."""
     named = {spec.short_name: spec for spec in mk.margins.FAMILIES}
     named |= {"softmax": named["normsoftmax"], "elastic": named["elastic-arc"]}
     if name not in named:
         raise SystemExit(f"--margin must be one of {', '.join(sorted(named))}, got {name!r}")
-    return named[name](**args)
+    return named[name]
+
+
+def margin_parameters(name: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(margin_family(name))}
+
+
+def margin_spec(name: str, args: dict) -> mk.Margin:
+    """The spec of family ``name`` with ``--margin-args``; a parameter the
+    family does not take is an error that lists the ones it does."""
+    unknown = sorted(set(args) - margin_parameters(name))
+    if unknown:
+        raise SystemExit(f"--margin-args: {name} takes {', '.join(sorted(margin_parameters(name)))}; "
+                         f"not {', '.join(unknown)}")
+    return margin_family(name)(**args)
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -268,11 +283,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def config_from(args: argparse.Namespace, margin: str) -> Config:
+def config_from(args: argparse.Namespace, margin: str, shared: bool = False) -> Config:
+    """The run's configuration; with ``shared`` (``--compare``), each margin
+    takes only the ``--margin-args`` its family has (s for all, m for most)."""
     margin_args = {}
     for item in filter(None, args.margin_args.split(",")):
         key, _, value = item.partition("=")
         margin_args[key.strip()] = float(value) if value.strip().replace(".", "", 1).lstrip("-").isdigit() else value
+    if shared:
+        margin_args = {k: v for k, v in margin_args.items() if k in margin_parameters(margin)}
     fields = {k: getattr(args, k) for k in Config.__dataclass_fields__ if hasattr(args, k)}
     return Config(**{**fields, "margin": margin, "margin_args": margin_args})
 
@@ -299,8 +318,9 @@ def main(argv: list[str] | None = None) -> None:
             if rank == 0 and not args.quiet:
                 print(f"training {margin} on {world} rank(s), {device}: {args.identities} identities, global batch "
                       f"{args.batch}, {args.steps} steps -> {out}", file=sys.stderr)
-            histories[margin] = train(config_from(args, margin), out, device, world, rank, resume=args.resume,
-                                      stop_after=args.stop_after, quiet=args.quiet)
+            cfg = config_from(args, margin, shared=len(margins) > 1)
+            histories[margin] = train(cfg, out, device, world, rank, resume=args.resume, stop_after=args.stop_after,
+                                      quiet=args.quiet)
         if rank == 0 and len(margins) > 1:
             plot(histories, os.path.join(args.out, "compare.png"))
             for margin, history in histories.items():

@@ -136,6 +136,8 @@ def test_the_margin_names():
     assert R.margin_spec("cosface", {"m": 0.3}).m == 0.3
     with pytest.raises(SystemExit, match="--margin must be one of"):
         R.margin_spec("nope", {})
+    with pytest.raises(SystemExit, match="--margin-args: softmax takes .*s.*; not m"):
+        R.margin_spec("softmax", {"m": 0.3})
 
 
 def test_the_schedule():
@@ -218,3 +220,17 @@ def test_the_comparison_figure(tmp_path):
             "cosface": {"loss": [1.0], "evals": []}}
     report.plot(runs, str(tmp_path / "compare.png"))
     assert (tmp_path / "compare.png").stat().st_size > 10_000
+
+
+@requires_cpp
+def test_compare_trains_each_margin_and_draws_them_together(tmp_path):
+    cmd = [sys.executable, str(SCRIPT), *TINY, "--steps", "2", "--eval-every", "2", "--checkpoint-every", "0",
+           "--compare", "softmax,cosface", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for margin in ("softmax", "cosface"):
+        run = json.loads((tmp_path / margin / "run.json").read_text())
+        assert run["config"]["margin"] == margin and len(run["loss"]) == 2 and run["evals"][-1]["step"] == 2
+    assert "softmax: accuracy" in proc.stdout and "cosface: accuracy" in proc.stdout
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "compare.png").exists()
