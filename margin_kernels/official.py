@@ -83,7 +83,7 @@ def load_adaface(module: Module, checkpoint: Checkpoint, prefix: str = "") -> No
     prefix where the head was saved inside a larger state dict (``"head."``
     in the official training's Lightning checkpoints, under
     ``state_dict``)."""
-    state = _state(checkpoint, prefix)
+    state = _state(checkpoint, prefix, "kernel")
     _fill(module, _Transposed(_require(state, "kernel", prefix)),
           {name: _require(state, name, prefix) for name in ("batch_mean", "batch_std")})
 
@@ -91,14 +91,14 @@ def load_adaface(module: Module, checkpoint: Checkpoint, prefix: str = "") -> No
 def load_magface(module: Module, checkpoint: Checkpoint, prefix: str = "") -> None:
     """MagFace's ``MagLinear`` (``weight`` [D, C]) into a MagFace head or
     ``PartialFC(margin=MagFace())``."""
-    state = _state(checkpoint, prefix)
+    state = _state(checkpoint, prefix, "weight")
     _fill(module, _Transposed(_require(state, "weight", prefix)), {})
 
 
 def load_curricularface(module: Module, checkpoint: Checkpoint, prefix: str = "") -> None:
     """The CurricularFace head (``kernel`` [D, C], ``t`` [1]) into a
     CurricularFace head or ``PartialFC(margin=CurricularFace())``."""
-    state = _state(checkpoint, prefix)
+    state = _state(checkpoint, prefix, "kernel")
     _fill(module, _Transposed(_require(state, "kernel", prefix)), {"t": _require(state, "t", prefix)})
 
 
@@ -115,10 +115,13 @@ def _open(source: Checkpoint) -> Mapping[str, Tensor]:
     return torch.load(source, map_location="cpu", mmap=True, weights_only=True)
 
 
-def _state(checkpoint: Checkpoint, prefix: str) -> Mapping[str, Tensor]:
+def _state(checkpoint: Checkpoint, prefix: str, key: str) -> Mapping[str, Tensor]:
+    """The state dict holding ``prefix + key``: the checkpoint itself, or the
+    ``state_dict`` a training checkpoint wraps it in."""
     state = _open(checkpoint)
-    if "state_dict" in state and not any(k.startswith(prefix) and k != "state_dict" for k in state):
-        state = state["state_dict"]  # a training checkpoint wrapping the state dict
+    wrapped = state.get("state_dict")
+    if prefix + key not in state and isinstance(wrapped, Mapping) and prefix + key in wrapped:
+        return wrapped
     return state
 
 

@@ -227,6 +227,12 @@ def test_magface_and_curricularface_heads():
     official.load_curricularface(head, cur.state_dict())
     assert torch.equal(head.weight.detach(), full) and float(head.t) == 0.375
     assert head.t.shape == ()
+    # a training checkpoint wrapping the head's state dict, with or without a prefix
+    for prefix in ("", "module.head."):
+        wrapped = {"epoch": 7, "state_dict": {prefix + k: v for k, v in cur.state_dict().items()}, "optimizer": {}}
+        other = mk.nn.CurricularFace(D, C)
+        official.load_curricularface(other, wrapped, prefix=prefix)
+        assert torch.equal(other.weight.detach(), full) and float(other.t) == 0.375
 
 
 def test_a_loaded_head_trains_on():
