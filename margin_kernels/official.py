@@ -7,20 +7,17 @@ copies anything. A ``PartialFC`` rank copies only the classes it owns, and
 from per-rank checkpoints memory-maps only the files that overlap them, so
 this scales with the shard, not with the class count; no collective is called.
 
-=============================  =====================================================  =========================
-source                         layout                                                 loader
-=============================  =====================================================  =========================
-insightface arcface_torch      ``softmax_fc_gpu_{rank}.pt``: ``{"weight": [C_r, D]}``  ``load_arcface_torch``
-(``PartialFC_V2``)             per rank, classes split contiguously (C_r = C // W +
-                               (r < C % W))
-CVLface (``PartialFC_V2``,     the same per rank, the class count padded up to a      ``load_cvlface``
-``FC``)                        multiple of W; with AdaFace ``batch_mean``,
-                               ``batch_std`` [1]
-AdaFace ``head.py``            ``kernel`` [D, C], ``t``, ``batch_mean``,              ``load_adaface``
-                               ``batch_std`` [1]
-MagFace ``MagLinear``          ``weight`` [D, C]                                      ``load_magface``
-CurricularFace head            ``kernel`` [D, C], ``t`` [1]                           ``load_curricularface``
-=============================  =====================================================  =========================
+- ``load_arcface_torch``: insightface arcface_torch's ``PartialFC_V2``,
+  ``softmax_fc_gpu_{rank}.pt`` (``{"weight": [C_r, D]}``) or
+  ``checkpoint_gpu_{rank}.pt`` per rank, classes split contiguously
+  (C_r = C // W + (r < C % W));
+- ``load_cvlface``: CVLface's ``PartialFC_V2`` (or ``FC``), the same per rank
+  with the class count padded up to a multiple of W, and with AdaFace its
+  ``batch_mean`` and ``batch_std`` [1];
+- ``load_adaface``: AdaFace's ``head.py``, ``kernel`` [D, C], ``t``,
+  ``batch_mean``, ``batch_std`` [1];
+- ``load_magface``: MagFace's ``MagLinear``, ``weight`` [D, C];
+- ``load_curricularface``: the CurricularFace head, ``kernel`` [D, C], ``t`` [1].
 
 Their margin settings map to the specs as the README's "Coming from ..."
 table says; these functions move the numbers.
