@@ -202,6 +202,7 @@ def test_a_run_resumes_at_another_world_size(runs):
 
 
 @requires_cpp
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     launch(tmp_path, 1, "--stop-after", "1")
     cmd = [sys.executable, str(SCRIPT), *TINY, "--out", str(tmp_path), "--resume", "--identities", "41"]
@@ -223,6 +224,7 @@ def test_the_comparison_figure(tmp_path):
 
 
 @requires_cpp
+@pytest.mark.slow
 def test_compare_trains_each_margin_and_draws_them_together(tmp_path):
     cmd = [sys.executable, str(SCRIPT), *TINY, "--steps", "2", "--eval-every", "2", "--checkpoint-every", "0",
            "--compare", "softmax,cosface", "--out", str(tmp_path)]
