@@ -182,7 +182,7 @@ def _allreduce_sum(process_group, bucket):
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-# ---------------------------------------------------------------- main
+# ---------------------------------------------------------------- training and the command line
 
 
 def train(cfg: Config, out: str, device: torch.device, world: int, rank: int, *, resume: bool,

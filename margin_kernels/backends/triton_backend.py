@@ -50,6 +50,10 @@ def _upcast(weight: Tensor) -> bool:
     return K.INTERPRET and weight.dtype == torch.bfloat16
 
 
+def _index_arg(weight: Tensor, class_index: Tensor | None) -> Tensor:
+    return class_index if class_index is not None else weight  # unused pointer when HAS_INDEX is False
+
+
 @dataclass(frozen=True)
 class Launch:
     """One call's arguments to the tiled kernels, built once: the operands
@@ -87,9 +91,8 @@ class Launch:
     def operands(self) -> tuple:
         """X, W, W_INV, LABELS, CLASS_INDEX, HARD (an unused pointer stands in
         for an absent index or rule: its flag is off)."""
-        index = self.class_index if self.class_index is not None else self.weight
         hard = self.hard if self.hard is not None else self.x
-        return self.x, self.weight, self.w_inv, self.labels, index, hard
+        return self.x, self.weight, self.w_inv, self.labels, _index_arg(self.weight, self.class_index), hard
 
     def sizes(self) -> tuple:
         """B, C, D, stride_x, stride_w, scale, and the bucketed B and C of the autotune key."""
@@ -139,10 +142,6 @@ def backward_strategy(options, subcenters: int) -> tuple[str, bool]:
 
 
 # ---------------------------------------------------------------- the contract
-
-def _index_arg(weight: Tensor, class_index: Tensor | None) -> Tensor:
-    return class_index if class_index is not None else weight  # unused pointer when HAS_INDEX is False
-
 
 def row_inv_norms(weight: Tensor, *, class_index: Tensor | None = None) -> Tensor:
     _check(weight)
